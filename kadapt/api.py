@@ -1,0 +1,122 @@
+"""Counting, saving and loading the trainable state of a patched model."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from kadapt.configs import KadaptConfig
+from kadapt.patching import get_backbone, get_record, patch, unpatch
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+FORMAT_VERSION = 1
+
+
+def trainable_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) element counts over unique parameters (a tied or shared tensor counts once)."""
+    params = list(dict.fromkeys(model.parameters()))
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Name -> tensor of every trainable parameter, each shared tensor once under its first name."""
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
+def save_adapter(model: nn.Module, directory: str | os.PathLike) -> None:
+    """Write ``adapter_config.json`` (method config + model identity) and ``adapter_model.safetensors``
+    (the trainable state only) into ``directory``."""
+    from safetensors.torch import save_file
+
+    record = get_record(model)
+    if record is None:
+        raise ValueError("model is not patched by kadapt: patch it (kadapt.patch) before save_adapter")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in trainable_state(model).items()}
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "config": record.config.to_dict(),
+        "model_type": model.config.model_type,
+        "family": record.family,
+        "hidden_size": record.hidden_size,
+        "shapes": {k: list(v.shape) for k, v in state.items()},
+    }
+    save_file(state, str(directory / WEIGHTS_NAME), metadata={"format": "pt", "kadapt": str(FORMAT_VERSION)})
+    (directory / CONFIG_NAME).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+
+
+def _read_meta(directory: Path) -> dict:
+    path = directory / CONFIG_NAME
+    if not path.is_file():
+        raise ValueError(f"{path} not found: not a kadapt adapter directory (expected {CONFIG_NAME} and {WEIGHTS_NAME})")
+    try:
+        meta = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); the adapter file is truncated or corrupt") from e
+    for key in ("format_version", "config", "model_type", "hidden_size", "shapes"):
+        if key not in meta:
+            raise ValueError(f"{path}: missing field {key!r}; the adapter file is truncated or corrupt")
+    if meta["format_version"] != FORMAT_VERSION:
+        raise ValueError(f"{path}: format_version={meta['format_version']!r}; this kadapt reads: {FORMAT_VERSION}")
+    return meta
+
+
+def _read_weights(directory: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    path = directory / WEIGHTS_NAME
+    if not path.is_file():
+        raise ValueError(f"{path} not found: the adapter directory lacks its weights file {WEIGHTS_NAME}")
+    try:
+        return load_file(str(path))
+    except Exception as e:  # safetensors raises its own error type for truncated headers or data
+        raise ValueError(f"{path} cannot be read ({type(e).__name__}: {e}); the adapter file is truncated or "
+                         f"corrupt") from e
+
+
+def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
+    """Load an adapter saved by ``save_adapter``: patch ``model`` with the saved config if it is not
+    patched yet, then copy the tensors in. Every check (method, model type, hidden size, names,
+    shapes, dtype castability) runs before anything is written; on failure the model is unchanged."""
+    directory = Path(directory)
+    meta = _read_meta(directory)
+    config = KadaptConfig.from_dict(meta["config"])
+    weights = _read_weights(directory)
+    backbone = get_backbone(model)
+    if meta["model_type"] != model.config.model_type or meta["hidden_size"] != backbone.hidden_size:
+        raise ValueError(f"model: the adapter was saved for model_type={meta['model_type']!r} with hidden size "
+                         f"{meta['hidden_size']}; this model is model_type={model.config.model_type!r} with hidden "
+                         f"size {backbone.hidden_size}")
+    record = get_record(model)
+    if record is not None and record.config != config:
+        raise ValueError(f"config: the adapter was saved with {config!r}, but the model is patched with "
+                         f"{record.config!r}; call kadapt.unpatch(model) first or load into an unpatched model")
+    patched_here = record is None
+    if patched_here:
+        patch(model, config)
+    try:
+        target = trainable_state(model)
+        missing, unexpected = sorted(set(target) - set(weights)), sorted(set(weights) - set(target))
+        if missing or unexpected:
+            raise ValueError(f"adapter tensors do not match the patched model: missing {missing[:5]}"
+                             f"{' ...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
+                             f"{' ...' if len(unexpected) > 5 else ''} (config {config.method!r})")
+        for name, p in target.items():
+            if tuple(weights[name].shape) != tuple(p.shape):
+                raise ValueError(f"adapter tensor {name!r} has shape {tuple(weights[name].shape)}; the patched "
+                                 f"model expects {tuple(p.shape)}")
+            if not weights[name].dtype.is_floating_point:
+                raise ValueError(f"adapter tensor {name!r} has dtype {weights[name].dtype}; expected a float dtype")
+        with torch.no_grad():
+            for name, p in target.items():
+                p.copy_(weights[name].to(device=p.device, dtype=p.dtype))
+    except BaseException:
+        if patched_here:
+            unpatch(model)
+        raise
+    return model

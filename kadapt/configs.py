@@ -1,0 +1,268 @@
+"""One dataclass per method. Field checks that need no model run in ``__post_init__``; checks that
+need the model (n dividing D and m, layer ids in range) run in ``kadapt.patch`` before anything is
+changed. Every error is a ``ValueError`` naming the field and the allowed values.
+
+The math, defaults and parameter counts behind each field are in METHODS.md §1–§3.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+ACTIVATIONS = ("gelu_new", "gelu_tanh", "gelu", "relu", "swish")
+PLACEMENTS = ("attn", "ffn", "both")
+
+
+def _check_choice(name: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r} is not allowed; allowed values: {', '.join(map(repr, allowed))}")
+
+
+def _check_bool(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name}={value!r} must be a bool (True or False)")
+
+
+def _check_int(name: str, value: Any, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name}={value!r} must be an integer >= {low}")
+
+
+@dataclass
+class KadaptConfig:
+    """Base of every method config. ``method`` is the registry name used in saved adapters."""
+
+    method: ClassVar[str] = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": self.method, **dataclasses.asdict(self)}
+
+    @staticmethod
+    def from_dict(data: dict[str, Any]) -> "KadaptConfig":
+        """Rebuild a config from ``to_dict`` output; unknown methods or fields raise ValueError."""
+        if not isinstance(data, dict) or "method" not in data:
+            raise ValueError("config must be a dict with a 'method' key")
+        data = dict(data)
+        method = data.pop("method")
+        _check_choice("method", method, tuple(sorted(METHODS)))
+        cls = METHODS[method]
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"unknown field(s) {unknown} for method {method!r}; allowed fields: {sorted(names)}")
+        if isinstance(data.get("layers"), dict):
+            data["layers"] = {k: list(v) for k, v in data["layers"].items()}
+        return cls(**data)
+
+
+@dataclass
+class BottleneckConfig(KadaptConfig):
+    """Fields shared by the bottleneck-adapter family (§2).
+
+    Attributes:
+        reduction_factor: m = int(D // reduction_factor); may be a float (the kernel-adapters presets
+            use 7.11 → m = 108 on D = 768).
+        bottleneck_dim: explicit m; overrides ``reduction_factor`` when set.
+        activation: φ, one of ``ACTIVATIONS`` (gelu_new is the tanh-approximate GELU).
+        placement: "attn" (sequential at ``attn_out``), "ffn" (at ``ffn_out``) or "both".
+        layers: AdapterDrop. Block ids that get adapters: a list applied to every stack, or a dict
+            from stack name ("encoder", "decoder") to a list. None = every block.
+        drop_first: AdapterDrop shorthand: no adapters in blocks 0..drop_first-1 of each stack.
+        ln_pre, ln_post: adapter-internal LayerNorms (off in every Compacter-paper config).
+        unfreeze_layer_norms: train the backbone's LayerNorms (on for the whole Compacter family).
+    """
+
+    reduction_factor: float = 32
+    bottleneck_dim: int | None = None
+    activation: str = "gelu_new"
+    placement: str = "both"
+    layers: list[int] | dict[str, list[int]] | None = None
+    drop_first: int = 0
+    ln_pre: bool = False
+    ln_post: bool = False
+    unfreeze_layer_norms: bool = True
+
+    def __post_init__(self) -> None:
+        rf = self.reduction_factor
+        if isinstance(rf, bool) or not isinstance(rf, (int, float)) or not math.isfinite(rf) or rf <= 0:
+            raise ValueError(f"reduction_factor={rf!r} must be a finite number > 0 (m = int(D // reduction_factor))")
+        if self.bottleneck_dim is not None:
+            _check_int("bottleneck_dim", self.bottleneck_dim, 1)
+        _check_choice("activation", self.activation, ACTIVATIONS)
+        _check_choice("placement", self.placement, PLACEMENTS)
+        _check_int("drop_first", self.drop_first, 0)
+        for name in ("ln_pre", "ln_post", "unfreeze_layer_norms"):
+            _check_bool(name, getattr(self, name))
+        if self.layers is not None:
+            groups = self.layers.values() if isinstance(self.layers, dict) else [self.layers]
+            if isinstance(self.layers, (str, bytes)) or not isinstance(self.layers, (list, tuple, dict)):
+                raise ValueError(f"layers={self.layers!r} must be a list of block ids or a dict stack -> list")
+            for ids in groups:
+                if isinstance(ids, (str, bytes)) or not isinstance(ids, (list, tuple, range)):
+                    raise ValueError(f"layers={self.layers!r}: each entry must be a list of block ids")
+                for i in ids:
+                    if isinstance(i, bool) or not isinstance(i, int) or i < 0:
+                        raise ValueError(f"layers contains {i!r}; block ids must be integers >= 0")
+            self.layers = ({k: list(v) for k, v in self.layers.items()} if isinstance(self.layers, dict)
+                           else list(self.layers))
+            if self.drop_first:
+                raise ValueError("set either layers or drop_first, not both (drop_first=%d)" % self.drop_first)
+
+    def bottleneck_size(self, hidden_size: int) -> int:
+        """m for a model of width D, as upstream computes it: int(D // rf)."""
+        m = self.bottleneck_dim if self.bottleneck_dim is not None else int(hidden_size // self.reduction_factor)
+        if m < 1:
+            raise ValueError(
+                f"reduction_factor={self.reduction_factor!r} gives a bottleneck of {m} on hidden size "
+                f"{hidden_size}; allowed: 0 < reduction_factor <= {hidden_size}"
+            )
+        return m
+
+
+@dataclass
+class AdapterConfig(BottleneckConfig):
+    """Houlsby adapter: a(x) = φ(x W_d + b_d) W_u + b_u, dense weights, at ``attn_out`` and ``ffn_out``.
+
+    ``init``: "normal" (W ~ N(0, 0.01²), biases 0: near identity) or "torch_default"
+    (U(±1/√fan_in) for weights and biases, the kernel-adapters NLG presets).
+    """
+
+    method: ClassVar[str] = "adapter"
+    init: str = "normal"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_choice("init", self.init, ("normal", "torch_default"))
+
+
+@dataclass
+class PfeifferConfig(AdapterConfig):
+    """Pfeiffer adapter: one adapter per block. Default at ``ffn_out`` (AdapterFusion placement);
+    the Compacter paper's variant is ``placement="attn"`` (preset ``compacter_paper.pfeiffer``)."""
+
+    method: ClassVar[str] = "pfeiffer"
+    placement: str = "ffn"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_choice("placement", self.placement, ("attn", "ffn"))
+
+
+@dataclass
+class LowRankAdapterConfig(BottleneckConfig):
+    """Low-rank adapter: each projection is W = w_l w_r of rank ``rank`` plus a bias (glorot√2 init)."""
+
+    method: ClassVar[str] = "low_rank_adapter"
+    rank: int = 1
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_int("rank", self.rank, 1)
+
+
+@dataclass
+class PHMAdapterConfig(BottleneckConfig):
+    """PHM adapter: W = Σ_i A_i ⊗ B_i with full B_i; each layer owns its rule A ~ N(0, 0.01²).
+
+    ``phm_dim`` (n) must divide both D and m. ``learn_phm=False`` freezes the rules A.
+    """
+
+    method: ClassVar[str] = "phm_adapter"
+    phm_dim: int = 12
+    learn_phm: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_int("phm_dim", self.phm_dim, 1)
+        _check_bool("learn_phm", self.learn_phm)
+
+
+@dataclass
+class CompacterConfig(BottleneckConfig):
+    """Compacter (LPHM): B_i = s_i t_i of rank ``phm_rank``; one rule A shared by every PHM layer of
+    the model (its gradient sums over all of them) when ``shared_phm_rule``.
+
+    ``phm_c_init``: "normal" (A ~ N(0, phm_init_range²)) or "uniform" (U(-1, 1)).
+    """
+
+    method: ClassVar[str] = "compacter"
+    phm_dim: int = 4
+    phm_rank: int = 1
+    phm_init_range: float = 1e-4
+    phm_c_init: str = "normal"
+    shared_phm_rule: bool = True
+    learn_phm: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_int("phm_dim", self.phm_dim, 1)
+        _check_int("phm_rank", self.phm_rank, 1)
+        r = self.phm_init_range
+        if isinstance(r, bool) or not isinstance(r, (int, float)) or not math.isfinite(r) or r <= 0:
+            raise ValueError(f"phm_init_range={r!r} must be a finite number > 0")
+        _check_choice("phm_c_init", self.phm_c_init, ("normal", "uniform"))
+        _check_bool("shared_phm_rule", self.shared_phm_rule)
+        _check_bool("learn_phm", self.learn_phm)
+
+
+@dataclass
+class CompacterPlusPlusConfig(CompacterConfig):
+    """Compacter++: Compacter at ``ffn_out`` only."""
+
+    method: ClassVar[str] = "compacter++"
+    placement: str = "ffn"
+
+
+@dataclass
+class BitFitConfig(KadaptConfig):
+    """BitFit. GPT-2 / RoBERTa / BERT: train the existing biases. T5: add zero biases to q/k/v/o,
+    wi/wo, every LayerNorm and the LM head, and train only those.
+
+    ``compat_bitfit_skip_final_ln``: give the two final T5 LayerNorms no bias (upstream parity: 280,932
+    on T5-base instead of 282,468).
+    """
+
+    method: ClassVar[str] = "bitfit"
+    compat_bitfit_skip_final_ln: bool = False
+
+    def __post_init__(self) -> None:
+        _check_bool("compat_bitfit_skip_final_ln", self.compat_bitfit_skip_final_ln)
+
+
+@dataclass
+class FullFinetuneConfig(KadaptConfig):
+    """Full fine-tuning: every parameter trains (the baseline)."""
+
+    method: ClassVar[str] = "full_finetune"
+
+
+METHODS: dict[str, type[KadaptConfig]] = {
+    cls.method: cls
+    for cls in (AdapterConfig, PfeifferConfig, LowRankAdapterConfig, PHMAdapterConfig, CompacterConfig,
+                CompacterPlusPlusConfig, BitFitConfig, FullFinetuneConfig)
+}
+
+_PRESETS: dict[str, Any] = {
+    # METHODS.md §10 / §5: the Compacter paper's T5-base configurations.
+    "compacter_paper.adapter": lambda: AdapterConfig(),
+    "compacter_paper.pfeiffer": lambda: PfeifferConfig(placement="attn"),
+    "compacter_paper.adapterdrop": lambda: AdapterConfig(drop_first=5),
+    "compacter_paper.low_rank_adapter": lambda: LowRankAdapterConfig(),
+    "compacter_paper.phm_adapter": lambda: PHMAdapterConfig(),
+    "compacter_paper.compacter": lambda: CompacterConfig(),
+    "compacter_paper.compacter++": lambda: CompacterPlusPlusConfig(),
+    "compacter_paper.bitfit": lambda: BitFitConfig(compat_bitfit_skip_final_ln=True),
+    # METHODS.md §9: kernel-adapters GPT-2 NLG `pfeiffer-adapter` (sequential at attn_out, m = 108).
+    "kernel_adapters.nlg.pfeiffer-adapter": lambda: PfeifferConfig(
+        placement="attn", reduction_factor=7.11, ln_pre=True, activation="relu", init="torch_default",
+        unfreeze_layer_norms=False),
+}
+PRESETS: tuple[str, ...] = tuple(_PRESETS)
+
+
+def preset(name: str) -> KadaptConfig:
+    """A named published configuration, e.g. ``preset("compacter_paper.compacter")``."""
+    _check_choice("preset", name, PRESETS)
+    return _PRESETS[name]()

@@ -1,0 +1,214 @@
+"""``patch`` / ``unpatch``: insert a method into a backbone and take it out again.
+
+Flow: patch → backbone family (where) → method module (what) → op (how fast). Methods attach
+through forward hooks on existing modules plus new child modules, never by copying modelling
+code, so the backbone's own state-dict keys are unchanged. Everything is validated and built before
+the model is touched; a failure while attaching rolls back, leaving the model as it was.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from kadapt.configs import BitFitConfig, BottleneckConfig, CompacterConfig, FullFinetuneConfig, KadaptConfig
+from kadapt.methods.bottleneck import PHMRule, build_adapter, validate_bottleneck
+from kadapt.patching.base import Backbone, BiasSite, Site
+from kadapt.patching.gpt2 import GPT2Backbone
+from kadapt.patching.roberta import RobertaBackbone
+from kadapt.patching.t5 import T5Backbone
+
+BACKBONES: tuple[type[Backbone], ...] = (GPT2Backbone, RobertaBackbone, T5Backbone)
+SUPPORTED_MODEL_TYPES = tuple(t for b in BACKBONES for t in b.model_types)
+
+RECORD_ATTR = "_kadapt_record"
+ADAPTER_ATTR = "kadapt_adapter"
+SHARED_RULE_ATTR = "kadapt_phm_rule"
+
+
+def _adapter_hook(module: nn.Module, args, output):
+    return getattr(module, ADAPTER_ATTR)(output)
+
+
+def _bias_hook(module: nn.Module, args, output):
+    return output + module.bias
+
+
+@dataclass
+class PatchRecord:
+    """Everything ``unpatch`` needs to restore the model exactly."""
+
+    config: KadaptConfig
+    family: str
+    hidden_size: int
+    hooks: list = field(default_factory=list)                       # RemovableHandle
+    added_modules: list[tuple[nn.Module, str]] = field(default_factory=list)
+    added_params: list[tuple[nn.Module, str]] = field(default_factory=list)
+    requires_grad: list[tuple[nn.Parameter, bool]] = field(default_factory=list)
+    snapshots: list[tuple[nn.Parameter, torch.Tensor]] = field(default_factory=list)
+
+
+def get_backbone(model: nn.Module) -> Backbone:
+    """The family adapter for ``model``; ValueError naming the model type and the supported ones."""
+    cfg = getattr(model, "config", None)
+    model_type = getattr(cfg, "model_type", None)
+    if not isinstance(model, nn.Module) or model_type is None:
+        raise ValueError(f"model: expected a Hugging Face transformers model (nn.Module with .config.model_type), "
+                         f"got {type(model).__name__}; supported model types: {', '.join(SUPPORTED_MODEL_TYPES)}")
+    for cls in BACKBONES:
+        if model_type in cls.model_types:
+            return cls(model)
+    raise ValueError(f"model.config.model_type={model_type!r} ({type(model).__name__}) is not supported; "
+                     f"supported model types: {', '.join(SUPPORTED_MODEL_TYPES)}")
+
+
+def is_patched(model: nn.Module) -> bool:
+    return getattr(model, RECORD_ATTR, None) is not None
+
+
+def get_record(model: nn.Module) -> PatchRecord | None:
+    return getattr(model, RECORD_ATTR, None)
+
+
+def _factory(ref: torch.Tensor) -> dict:
+    dtype = ref.dtype if ref.dtype.is_floating_point else torch.get_default_dtype()
+    return {"device": ref.device, "dtype": dtype}
+
+
+def _selected_sites(config: BottleneckConfig, backbone: Backbone) -> list[Site]:
+    """Sites for the configured placement and AdapterDrop layers; validates ``layers``."""
+    stacks = backbone.stacks()
+    kinds = ("attn", "ffn") if config.placement == "both" else (config.placement,)
+    if config.layers is None:
+        for name, n in stacks.items():
+            if config.drop_first > n:
+                raise ValueError(f"drop_first={config.drop_first} exceeds the {n} blocks of the {name} stack; "
+                                 f"allowed: 0..{n}")
+        chosen = {name: set(range(config.drop_first, n)) for name, n in stacks.items()}
+    else:
+        spec = config.layers if isinstance(config.layers, dict) else {name: config.layers for name in stacks}
+        unknown = sorted(set(spec) - set(stacks))
+        if unknown:
+            raise ValueError(f"layers names unknown stack(s) {unknown}; this {backbone.family} model's stacks: "
+                             f"{sorted(stacks)}")
+        chosen = {}
+        for name, ids in spec.items():
+            bad = [i for i in ids if i >= stacks[name]]
+            if bad:
+                raise ValueError(f"layers: block id(s) {bad} out of range for the {name} stack; "
+                                 f"allowed block ids: 0..{stacks[name] - 1}")
+            chosen[name] = set(ids)
+    return [s for s in backbone.adapter_sites() if s.kind in kinds and s.block in chosen.get(s.stack, ())]
+
+
+class _Plan:
+    """Modules built and validated before the model is touched."""
+
+    def __init__(self):
+        self.adapters: list[tuple[Site, nn.Module]] = []
+        self.shared_rule: PHMRule | None = None
+        self.bias_sites: list[BiasSite] = []
+        self.train_existing: list[nn.Parameter] = []
+
+
+def _plan(model: nn.Module, backbone: Backbone, config: KadaptConfig) -> _Plan:
+    plan = _Plan()
+    heads = [p for h in backbone.task_heads() for p in h.parameters()]
+    if isinstance(config, BottleneckConfig):
+        dim = backbone.hidden_size
+        validate_bottleneck(config, dim)
+        sites = _selected_sites(config, backbone)
+        if isinstance(config, CompacterConfig) and config.shared_phm_rule:
+            plan.shared_rule = PHMRule(config.phm_dim, config.phm_c_init, config.phm_init_range,
+                                       _factory(sites[0].ref_weight) if sites else {}, config.learn_phm)
+        for site in sites:
+            plan.adapters.append((site, build_adapter(config, dim, _factory(site.ref_weight), plan.shared_rule)))
+        if config.unfreeze_layer_norms:
+            plan.train_existing += [p for ln in backbone.layer_norms() for p in ln.parameters()]
+    elif isinstance(config, BitFitConfig):
+        biases = backbone.existing_biases()
+        if biases is None:
+            plan.bias_sites = backbone.bias_sites(config.compat_bitfit_skip_final_ln)
+        else:
+            plan.train_existing += biases
+    elif isinstance(config, FullFinetuneConfig):
+        plan.train_existing += list(model.parameters())
+    else:
+        raise ValueError(f"config: {type(config).__name__} is not supported by this version of kadapt.patch")
+    plan.train_existing += heads
+    return plan
+
+
+def patch(model: nn.Module, config: KadaptConfig) -> nn.Module:
+    """Insert the method ``config`` into ``model`` in place and return it.
+
+    Only the method's parameters (plus the LayerNorms or biases the method unfreezes, and new task
+    heads) are left trainable. Raises ValueError, with the model untouched, on bad input.
+    """
+    if not isinstance(config, KadaptConfig):
+        raise ValueError(f"config: expected a kadapt *Config instance, got {type(config).__name__}")
+    backbone = get_backbone(model)
+    if is_patched(model):
+        raise ValueError(f"model is already patched with {type(get_record(model).config).__name__}; "
+                         f"call kadapt.unpatch(model) first")
+    plan = _plan(model, backbone, config)
+
+    record = PatchRecord(config=config, family=backbone.family, hidden_size=backbone.hidden_size)
+    try:
+        params = list(dict.fromkeys(model.parameters()))  # unique, in order
+        record.requires_grad = [(p, p.requires_grad) for p in params]
+        if not isinstance(config, FullFinetuneConfig):
+            # Existing tensors the method trains are restored by unpatch; kept on the CPU.
+            record.snapshots = [(p, p.detach().clone() if p.is_meta else p.detach().to("cpu", copy=True))
+                                for p in dict.fromkeys(plan.train_existing)]
+        for p in params:
+            p.requires_grad_(False)
+        for p in plan.train_existing:
+            p.requires_grad_(True)
+        if plan.shared_rule is not None:
+            model.add_module(SHARED_RULE_ATTR, plan.shared_rule)
+            record.added_modules.append((model, SHARED_RULE_ATTR))
+        for site, adapter in plan.adapters:
+            site.target.add_module(ADAPTER_ATTR, adapter)
+            record.added_modules.append((site.target, ADAPTER_ATTR))
+            record.hooks.append(site.target.register_forward_hook(_adapter_hook))
+        for bs in plan.bias_sites:
+            ref = bs.module.weight
+            bs.module.bias = nn.Parameter(torch.zeros(bs.size, device=ref.device, dtype=ref.dtype))
+            record.added_params.append((bs.module, "bias"))
+            if not bs.native:
+                record.hooks.append(bs.module.register_forward_hook(_bias_hook))
+        object.__setattr__(model, RECORD_ATTR, record)
+    except BaseException:
+        _restore(model, record)
+        raise
+    return model
+
+
+def _restore(model: nn.Module, record: PatchRecord) -> None:
+    for handle in record.hooks:
+        handle.remove()
+    for owner, name in reversed(record.added_modules):
+        if name in owner._modules:
+            del owner._modules[name]
+    for module, name in record.added_params:
+        module.register_parameter(name, None)
+    with torch.no_grad():
+        for p, saved in record.snapshots:
+            p.copy_(saved)
+    for p, flag in record.requires_grad:
+        p.requires_grad_(flag)
+    if RECORD_ATTR in model.__dict__:
+        object.__delattr__(model, RECORD_ATTR)
+
+
+def unpatch(model: nn.Module) -> nn.Module:
+    """Remove the method: hooks, added modules and biases go; requires_grad flags and the values of
+    existing tensors the method trained (LayerNorms, BitFit biases) are restored. After full
+    fine-tuning the trained weights are kept (a snapshot would double the model's memory)."""
+    record = get_record(model)
+    if record is None:
+        raise ValueError("model is not patched by kadapt (nothing to unpatch)")
+    _restore(model, record)
+    return model

@@ -1,0 +1,84 @@
+"""What a backbone family tells the patcher: its blocks, hook points, LayerNorms, biases and heads.
+
+A family module answers "where" only; method math lives in kadapt.methods.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+# Top-level attributes of HF task models that hold a newly initialised task head (these train).
+TASK_HEAD_NAMES = ("classifier", "score", "qa_outputs", "classification_head", "multiple_choice_head")
+
+
+@dataclass
+class Site:
+    """A hook point: ``target``'s forward output is f at ``kind`` ("attn" = attn_out, "ffn" = ffn_out)."""
+
+    stack: str
+    block: int
+    kind: str
+    target: nn.Module
+    ref_weight: torch.Tensor  # gives the device and dtype for new parameters
+
+
+@dataclass
+class BiasSite:
+    """BitFit on a family without biases: ``module`` gets a zero bias of ``size``.
+
+    ``native``: the module's forward already uses ``module.bias`` (nn.Linear); otherwise a forward hook
+    adds it to the output (T5LayerNorm).
+    """
+
+    module: nn.Module
+    size: int
+    native: bool
+
+
+class Backbone:
+    """Base class; subclasses set ``family`` and ``model_types`` and implement the queries."""
+
+    family: str = ""
+    model_types: tuple[str, ...] = ()
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    @property
+    def hidden_size(self) -> int:
+        raise NotImplementedError
+
+    def stacks(self) -> dict[str, int]:
+        """Stack name -> number of blocks."""
+        raise NotImplementedError
+
+    def adapter_sites(self) -> list[Site]:
+        """Sequential bottleneck-adapter sites (attn_out and ffn_out of every block of every stack;
+        never T5 cross-attention), in model order."""
+        raise NotImplementedError
+
+    def layer_norms(self) -> list[nn.Module]:
+        """The backbone's own LayerNorms (not those of pretrained or task heads)."""
+        raise NotImplementedError
+
+    def existing_biases(self) -> list[nn.Parameter] | None:
+        """BitFit: the backbone's existing biases, or None when the family has none (T5)."""
+        raise NotImplementedError
+
+    def bias_sites(self, skip_final_ln: bool) -> list[BiasSite]:
+        """BitFit on a bias-free family: where zero biases are added."""
+        raise NotImplementedError
+
+    def task_heads(self) -> list[nn.Module]:
+        heads = []
+        for name in TASK_HEAD_NAMES:
+            mod = getattr(self.model, name, None)
+            if isinstance(mod, nn.Module):
+                heads.append(mod)
+        return heads
+
+
+def find_modules(root: nn.Module, class_names: tuple[str, ...]) -> list[nn.Module]:
+    return [m for m in root.modules() if type(m).__name__ in class_names]

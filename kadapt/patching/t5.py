@@ -1,0 +1,63 @@
+"""T5: pre-RMSNorm blocks in an encoder and a decoder stack. attn_out = self-attention ``o``;
+ffn_out = the DenseReluDense output (both before the sub-layer dropout). Cross-attention gets no
+bottleneck adapters (METHODS.md §1)."""
+from __future__ import annotations
+
+from torch import nn
+
+from kadapt.patching.base import Backbone, BiasSite, Site, find_modules
+
+
+class T5Backbone(Backbone):
+    family = "t5"
+    model_types = ("t5",)
+
+    def __init__(self, model: nn.Module):
+        super().__init__(model)
+        stacks = find_modules(model, ("T5Stack",))
+        if not stacks:
+            raise ValueError(f"model: found no T5Stack inside {type(model).__name__}")
+        self.stack_modules = {("decoder" if s.is_decoder else "encoder"): s for s in stacks}
+        if len(self.stack_modules) != len(stacks):
+            raise ValueError(f"model: expected at most one encoder and one decoder T5Stack, found {len(stacks)}")
+
+    @property
+    def hidden_size(self) -> int:
+        return next(iter(self.stack_modules.values())).config.d_model
+
+    def stacks(self) -> dict[str, int]:
+        return {name: len(s.block) for name, s in self.stack_modules.items()}
+
+    def adapter_sites(self) -> list[Site]:
+        sites = []
+        for name, stack in self.stack_modules.items():
+            for i, block in enumerate(stack.block):
+                attn = block.layer[0].SelfAttention
+                ffn = block.layer[-1].DenseReluDense
+                sites.append(Site(name, i, "attn", attn.o, attn.o.weight))
+                sites.append(Site(name, i, "ffn", ffn, ffn.wo.weight))
+        return sites
+
+    def layer_norms(self) -> list[nn.Module]:
+        return [m for s in self.stack_modules.values() for m in s.modules() if type(m).__name__ == "T5LayerNorm"]
+
+    def existing_biases(self) -> None:
+        return None
+
+    def bias_sites(self, skip_final_ln: bool) -> list[BiasSite]:
+        sites = []
+        for stack in self.stack_modules.values():
+            for m in stack.modules():
+                if type(m).__name__ == "T5Attention":
+                    sites += [BiasSite(lin, lin.out_features, True) for lin in (m.q, m.k, m.v, m.o)]
+                elif type(m).__name__ in ("T5DenseActDense", "T5DenseGatedActDense"):
+                    lins = [getattr(m, n) for n in ("wi", "wi_0", "wi_1", "wo") if hasattr(m, n)]
+                    sites += [BiasSite(lin, lin.out_features, True) for lin in lins]
+                elif type(m).__name__ == "T5LayerNorm":
+                    if skip_final_ln and m is stack.final_layer_norm:
+                        continue
+                    sites.append(BiasSite(m, m.weight.shape[0], False))
+        head = getattr(self.model, "lm_head", None)
+        if isinstance(head, nn.Linear) and head.bias is None:
+            sites.append(BiasSite(head, head.out_features, True))
+        return sites
