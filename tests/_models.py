@@ -1,0 +1,81 @@
+"""Model builders for tests: tiny random models per family, and base-sized ones on the meta device
+(parameter counting only). Nothing is downloaded."""
+from __future__ import annotations
+
+import torch
+from transformers import (BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel, RobertaConfig,
+                          RobertaForSequenceClassification, RobertaModel, GPT2Model, T5Config,
+                          T5ForConditionalGeneration)
+
+import kadapt
+
+FAMILIES = ("gpt2", "roberta", "bert", "t5")
+
+
+def tiny(family: str, hidden: int = 64, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    if family == "gpt2":
+        cfg = GPT2Config(n_embd=hidden, n_layer=2, n_head=4, vocab_size=100, n_positions=64, bos_token_id=0,
+                         eos_token_id=0)
+        return GPT2LMHeadModel(cfg).eval()
+    if family == "roberta":
+        cfg = RobertaConfig(hidden_size=hidden, num_hidden_layers=2, num_attention_heads=4, intermediate_size=2 * hidden,
+                            vocab_size=100, max_position_embeddings=80, num_labels=3)
+        return RobertaForSequenceClassification(cfg).eval()
+    if family == "bert":
+        cfg = BertConfig(hidden_size=hidden, num_hidden_layers=2, num_attention_heads=4, intermediate_size=2 * hidden,
+                         vocab_size=100, max_position_embeddings=80, num_labels=3)
+        return BertForSequenceClassification(cfg).eval()
+    if family == "t5":
+        cfg = T5Config(vocab_size=100, d_model=hidden, d_kv=16, d_ff=2 * hidden, num_layers=2, num_heads=4,
+                       decoder_start_token_id=0)
+        return T5ForConditionalGeneration(cfg).eval()
+    raise KeyError(family)
+
+
+def inputs(family: str, batch: int = 2, length: int = 9, seed: int = 1) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 100, (batch, length), generator=g)
+    kw = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    if family == "t5":
+        kw["decoder_input_ids"] = ids[:, : max(1, length // 2)]
+    return kw
+
+
+def output(model: torch.nn.Module, family: str, **kw) -> torch.Tensor:
+    out = model(**(kw or inputs(family)))
+    return out.logits
+
+
+def tiny_configs() -> dict[str, kadapt.KadaptConfig]:
+    """One config per method, sized for hidden 64 (m = 8 so that phm_dim = 4 divides D and m)."""
+    return {
+        "adapter": kadapt.AdapterConfig(bottleneck_dim=8),
+        "pfeiffer": kadapt.PfeifferConfig(bottleneck_dim=8),
+        "adapterdrop": kadapt.AdapterConfig(bottleneck_dim=8, drop_first=1),
+        "low_rank_adapter": kadapt.LowRankAdapterConfig(bottleneck_dim=8, rank=2),
+        "phm_adapter": kadapt.PHMAdapterConfig(bottleneck_dim=8, phm_dim=4),
+        "compacter": kadapt.CompacterConfig(bottleneck_dim=8),
+        "compacter++": kadapt.CompacterPlusPlusConfig(bottleneck_dim=8),
+        "bitfit": kadapt.BitFitConfig(),
+        "full_finetune": kadapt.FullFinetuneConfig(),
+    }
+
+
+def t5_base_meta() -> torch.nn.Module:
+    """T5-base shape after the vocabulary resize (V = 32,100, tied): 222,882,048 parameters."""
+    cfg = T5Config(vocab_size=32100, d_model=768, d_kv=64, d_ff=3072, num_layers=12, num_decoder_layers=12,
+                   num_heads=12, feed_forward_proj="relu", tie_word_embeddings=True)
+    with torch.device("meta"):
+        return T5ForConditionalGeneration(cfg)
+
+
+def gpt2_small_meta() -> torch.nn.Module:
+    with torch.device("meta"):
+        return GPT2Model(GPT2Config())
+
+
+def roberta_base_meta() -> torch.nn.Module:
+    cfg = RobertaConfig(vocab_size=50265, max_position_embeddings=514, type_vocab_size=1)
+    with torch.device("meta"):
+        return RobertaModel(cfg)

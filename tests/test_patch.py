@@ -1,0 +1,219 @@
+"""patch / unpatch / save / load behaviour on tiny models of every family (METHODS.md §1–§3)."""
+import copy
+
+import pytest
+import torch
+
+import kadapt
+from kadapt.methods.bottleneck import LowRankProjection, PHMProjection, PHMRule
+from kadapt.patching import is_patched
+from _models import FAMILIES, inputs, output, tiny, tiny_configs
+
+METHODS = list(tiny_configs())
+ADAPTER_METHODS = [m for m in METHODS if m not in ("bitfit", "full_finetune")]
+
+
+def _perturb_trainables(model, seed=3):
+    """Move every trainable tensor away from its init (a stand-in for training)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn(p.shape, generator=g).to(p.dtype))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("method", ["adapter", "pfeiffer", "adapterdrop", "phm_adapter", "compacter", "compacter++"])
+def test_near_identity_at_init(family, method):
+    model = tiny(family)
+    base = output(model, family)
+    kadapt.patch(model, tiny_configs()[method])
+    rel = ((output(model, family) - base).abs().max() / base.abs().max()).item()
+    # Compacter's shared rule starts at N(0, 1e-8), so it is identity to ~1e-6; N(0, 0.01²) weights to ~1e-2.
+    assert rel < (1e-4 if method.startswith("compacter") else 5e-2), rel
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_bitfit_identity_at_init(family):
+    model = tiny(family)
+    base = output(model, family)
+    kadapt.patch(model, kadapt.BitFitConfig())
+    if family == "t5":  # added zero biases: Linear takes addmm instead of mm, equal to rounding
+        torch.testing.assert_close(output(model, family), base, rtol=1e-5, atol=1e-5)
+    else:  # existing biases only change their requires_grad flag
+        assert torch.equal(output(model, family), base)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("method", METHODS)
+def test_unpatch_restores_bit_exactly(family, method):
+    model = tiny(family)
+    base = output(model, family)
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    keys = list(model.state_dict())
+    kadapt.patch(model, tiny_configs()[method])
+    if method != "full_finetune":  # full fine-tuning keeps what it trained (documented)
+        _perturb_trainables(model)  # also moves the unfrozen LayerNorms / BitFit biases
+    kadapt.unpatch(model)
+    assert not is_patched(model)
+    assert torch.equal(output(model, family), base)
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    assert list(model.state_dict()) == keys
+    assert all(not n.startswith("kadapt") for n, _ in model.named_modules() for n in n.split("."))
+    assert all(not m._forward_hooks for m in model.modules())
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("method", METHODS)
+def test_save_load_bit_identical(tmp_path, family, method):
+    model = tiny(family)
+    model.save_pretrained(tmp_path / "base")
+    kadapt.patch(model, tiny_configs()[method])
+    _perturb_trainables(model)
+    expected = output(model, family)
+    kadapt.save_adapter(model, tmp_path / "adapter")
+
+    fresh = type(model).from_pretrained(tmp_path / "base").eval()
+    assert not torch.equal(output(fresh, family), expected)
+    kadapt.load_adapter(fresh, tmp_path / "adapter")
+    assert torch.equal(output(fresh, family), expected)
+    assert kadapt.trainable_parameters(fresh) == kadapt.trainable_parameters(model)
+    # Loading into a model already patched with the same config also works.
+    kadapt.load_adapter(fresh, tmp_path / "adapter")
+    assert torch.equal(output(fresh, family), expected)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("method", METHODS)
+def test_only_method_parameters_get_gradients(family, method):
+    model = tiny(family)
+    before = {n for n, _ in model.named_parameters()}
+    kadapt.patch(model, tiny_configs()[method])
+    model.train()
+    output(model, family).float().pow(2).mean().backward()
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None, f"trainable {name} got no gradient"
+        else:
+            assert p.grad is None, f"frozen {name} got a gradient"
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    new = {n for n, _ in model.named_parameters()} - before
+    head = {n for n in before if n.split(".")[0] in ("classifier", "score")}
+    if method == "full_finetune":
+        assert trainable == {n for n, _ in model.named_parameters()}
+        return
+    if method == "bitfit":
+        expected = new | {n for n in before if n.endswith(".bias")} if family != "t5" else new
+        if family in ("roberta", "bert"):
+            expected = {n for n in expected if ".pooler." not in n}
+        assert trainable == expected | head
+        return
+    norms = {n for n in before if any(k in n for k in ("ln_", "LayerNorm", "layer_norm"))}
+    assert new and trainable == new | norms | head  # the Compacter family unfreezes the backbone LNs
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_placement(family):
+    model = tiny(family)
+    kadapt.patch(model, kadapt.AdapterConfig(bottleneck_dim=8))
+    sites = sorted(n.rsplit(".", 1)[0] for n, _ in model.named_modules() if n.endswith("kadapt_adapter"))
+    expected = {
+        "gpt2": [f"transformer.h.{i}.{s}" for i in range(2) for s in ("attn.c_proj", "mlp.c_proj")],
+        # RoBERTa/BERT: after the sub-layer dropout (Houlsby BERT order)
+        "roberta": [f"roberta.encoder.layer.{i}.{s}" for i in range(2) for s in ("attention.output.dropout",
+                                                                                 "output.dropout")],
+        "bert": [f"bert.encoder.layer.{i}.{s}" for i in range(2) for s in ("attention.output.dropout",
+                                                                           "output.dropout")],
+        # T5: self-attention o and the FFN output; never cross-attention (layer.1 of decoder blocks)
+        "t5": [f"{st}.block.{i}.{s}" for st in ("encoder", "decoder") for i in range(2)
+               for s in ("layer.0.SelfAttention.o", f"layer.{2 if st == 'decoder' else 1}.DenseReluDense")],
+    }[family]
+    assert sites == sorted(expected)
+
+
+def test_t5_adapterdrop_layers_per_stack():
+    model = tiny("t5")
+    kadapt.patch(model, kadapt.AdapterConfig(bottleneck_dim=8, placement="ffn", layers={"decoder": [1]}))
+    sites = [n for n, _ in model.named_modules() if n.endswith("kadapt_adapter")]
+    assert sites == ["decoder.block.1.layer.2.DenseReluDense.kadapt_adapter"]
+
+
+def test_t5_bitfit_biases():
+    model = tiny("t5")
+    kadapt.patch(model, kadapt.BitFitConfig())
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert "lm_head.bias" in names and "decoder.block.0.layer.1.EncDecAttention.q.bias" in names
+    assert "encoder.final_layer_norm.bias" in names
+    kadapt.unpatch(model)
+    model = tiny("t5")
+    kadapt.patch(model, kadapt.BitFitConfig(compat_bitfit_skip_final_ln=True))
+    assert "encoder.final_layer_norm.bias" not in {n for n, _ in model.named_parameters()}
+
+
+def test_phm_weight_is_sum_of_kronecker_products():
+    torch.manual_seed(0)
+    for rank in (None, 1, 3):
+        proj = PHMProjection(24, 12, 4, rank, {}, own_rule=PHMRule(4, "uniform", 1.0, {}))
+        a, b = proj.rule_tensor(), proj.factors()
+        expected = sum(torch.kron(a[i], b[i]) for i in range(4))
+        torch.testing.assert_close(proj.weight(), expected, rtol=0, atol=1e-6)
+        x = torch.randn(5, 24)
+        # Structured form (METHODS.md §12.3): y_t = Σ_i A_iᵀ X_t B_i with X_t the (n, in/n) reshape.
+        structured = torch.einsum("ica,tck,ikp->tap", a, x.view(5, 4, 6), b).reshape(5, 12)
+        torch.testing.assert_close(x @ proj.weight(), structured, rtol=1e-5, atol=1e-5)
+
+
+def test_init_bounds_match_spec():
+    torch.manual_seed(0)
+    # Compacter on T5-base: s_i 192×1 within ±0.2494, t_i 1×6 within ±1.3093 (METHODS.md §2).
+    p = PHMProjection(768, 24, 4, 1, {}, own_rule=PHMRule(4, "normal", 1e-4, {}))
+    assert 0.2 < p.phm_s.abs().max() <= 0.2494 and 1.0 < p.phm_t.abs().max() <= 1.3093
+    assert p.rule_tensor().std() < 1e-3
+    lr = LowRankProjection(768, 24, 1, {})
+    assert 0.1 < lr.left.abs().max() <= 0.1249 and 0.5 < lr.right.abs().max() <= 0.6928
+    q = PHMProjection(768, 24, 12, None, {}, own_rule=PHMRule(12, "normal", 0.01, {}))
+    assert 0.4 < q.phm_b.abs().max() <= 0.4264
+
+
+def test_low_rank_any_rank_is_a_product():
+    torch.manual_seed(0)
+    proj = LowRankProjection(32, 8, 3, {})
+    assert torch.linalg.matrix_rank(proj.weight()) == 3
+    torch.testing.assert_close(proj.weight(), proj.left @ proj.right)
+
+
+def test_shared_rule_gradient_sums_over_layers():
+    model = tiny("gpt2")
+    kadapt.patch(model, kadapt.CompacterConfig(bottleneck_dim=8, phm_c_init="uniform"))
+    kw = inputs("gpt2")
+    output(model, "gpt2", **kw).pow(2).mean().backward()
+    shared = model.kadapt_phm_rule.weight.grad.clone()
+    projections = [m for m in model.modules() if isinstance(m, PHMProjection)]
+    assert len(projections) == 8
+    clones = []
+    for proj in projections:  # give every layer its own copy of the rule: their grads must add up
+        holder = copy.deepcopy(model.kadapt_phm_rule)
+        holder.weight.grad = None
+        proj._shared = [holder]
+        clones.append(holder)
+    output(model, "gpt2", **kw).pow(2).mean().backward()
+    torch.testing.assert_close(sum(c.weight.grad for c in clones), shared, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_adapters_follow_model_dtype(dtype):
+    model = tiny("gpt2").to(dtype)
+    kadapt.patch(model, kadapt.CompacterConfig(bottleneck_dim=8))
+    assert {p.dtype for p in model.parameters()} == {dtype}
+    assert output(model, "gpt2").dtype == dtype
+
+
+def test_patch_returns_model_and_deepcopy_works():
+    model = tiny("roberta")
+    assert kadapt.patch(model, kadapt.AdapterConfig(bottleneck_dim=8)) is model
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in twin.parameters():
+            if p.requires_grad:
+                p.add_(1.0)
+    assert not torch.equal(output(twin, "roberta"), output(model, "roberta"))
