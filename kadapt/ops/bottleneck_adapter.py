@@ -24,6 +24,11 @@ def bottleneck_adapter_reference(x: torch.Tensor, w_down: torch.Tensor, b_down: 
     return a if residual is None else residual + a
 
 
+def _fused_forward(x, residual, w_down, b_down, w_up, b_up, code):
+    """The CUDA kernel: returns (y, z) with z the fp32 pre-activation (T, m)."""
+    return torch.ops.kadapt.bottleneck_adapter_fwd(x, residual, w_down, b_down, w_up, b_up, code)
+
+
 class _CudaBottleneckAdapter(torch.autograd.Function):
     """Fused CUDA forward; backward in PyTorch from the saved fp32 pre-activation z."""
 
@@ -32,7 +37,7 @@ class _CudaBottleneckAdapter(torch.autograd.Function):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).contiguous()
         r2 = None if residual is None else residual.reshape(-1, shape[-1]).contiguous()
-        y, z = torch.ops.kadapt.bottleneck_adapter_fwd(
+        y, z = _fused_forward(
             x2, r2, w_down.contiguous(), b_down.contiguous(), w_up.contiguous(), b_up.contiguous(),
             ACTIVATION_CODES[act])
         ctx.save_for_backward(x2, z, w_down, w_up)
