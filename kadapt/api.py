@@ -58,6 +58,9 @@ def _read_meta(directory: Path) -> dict:
         meta = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not valid JSON ({e}); the adapter file is truncated or corrupt") from e
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path} holds {type(meta).__name__}, not a JSON object; the adapter file is truncated "
+                         f"or corrupt")
     for key in ("format_version", "config", "model_type", "hidden_size", "shapes"):
         if key not in meta:
             raise ValueError(f"{path}: missing field {key!r}; the adapter file is truncated or corrupt")
@@ -85,7 +88,10 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     shapes, dtype castability) runs before anything is written; on failure the model is unchanged."""
     directory = Path(directory)
     meta = _read_meta(directory)
-    config = KadaptConfig.from_dict(meta["config"])
+    try:
+        config = KadaptConfig.from_dict(meta["config"])
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{directory / CONFIG_NAME}: the saved config is invalid: {e}") from e
     weights = _read_weights(directory)
     backbone = get_backbone(model)
     if meta["model_type"] != model.config.model_type or meta["hidden_size"] != backbone.hidden_size:

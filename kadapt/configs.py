@@ -36,6 +36,9 @@ class KadaptConfig:
 
     method: ClassVar[str] = ""
 
+    def __post_init__(self) -> None:
+        """Field checks; subclasses extend. ``patch`` calls it again to catch later edits."""
+
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.method, **dataclasses.asdict(self)}
 
@@ -52,8 +55,6 @@ class KadaptConfig:
         unknown = sorted(set(data) - names)
         if unknown:
             raise ValueError(f"unknown field(s) {unknown} for method {method!r}; allowed fields: {sorted(names)}")
-        if isinstance(data.get("layers"), dict):
-            data["layers"] = {k: list(v) for k, v in data["layers"].items()}
         return cls(**data)
 
 
@@ -108,7 +109,8 @@ class BottleneckConfig(KadaptConfig):
             self.layers = ({k: list(v) for k, v in self.layers.items()} if isinstance(self.layers, dict)
                            else list(self.layers))
             if self.drop_first:
-                raise ValueError("set either layers or drop_first, not both (drop_first=%d)" % self.drop_first)
+                raise ValueError(f"set either layers or drop_first, not both (layers={self.layers!r}, "
+                             f"drop_first={self.drop_first})")
 
     def bottleneck_size(self, hidden_size: int) -> int:
         """m for a model of width D, as upstream computes it: int(D // rf)."""

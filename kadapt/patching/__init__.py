@@ -44,7 +44,7 @@ class PatchRecord:
     hidden_size: int
     hooks: list = field(default_factory=list)                       # RemovableHandle
     added_modules: list[tuple[nn.Module, str]] = field(default_factory=list)
-    added_params: list[tuple[nn.Module, str]] = field(default_factory=list)
+    added_params: list[tuple[nn.Module, str, bool]] = field(default_factory=list)  # (module, name, slot existed)
     requires_grad: list[tuple[nn.Parameter, bool]] = field(default_factory=list)
     snapshots: list[tuple[nn.Parameter, torch.Tensor]] = field(default_factory=list)
 
@@ -148,6 +148,7 @@ def patch(model: nn.Module, config: KadaptConfig) -> nn.Module:
     """
     if not isinstance(config, KadaptConfig):
         raise ValueError(f"config: expected a kadapt *Config instance, got {type(config).__name__}")
+    config.__post_init__()  # re-check fields changed after construction
     backbone = get_backbone(model)
     if is_patched(model):
         raise ValueError(f"model is already patched with {type(get_record(model).config).__name__}; "
@@ -175,8 +176,9 @@ def patch(model: nn.Module, config: KadaptConfig) -> nn.Module:
             record.hooks.append(site.target.register_forward_hook(_adapter_hook))
         for bs in plan.bias_sites:
             ref = bs.module.weight
-            bs.module.bias = nn.Parameter(torch.zeros(bs.size, device=ref.device, dtype=ref.dtype))
-            record.added_params.append((bs.module, "bias"))
+            existed = "bias" in bs.module._parameters
+            bs.module.register_parameter("bias", nn.Parameter(torch.zeros(bs.size, device=ref.device, dtype=ref.dtype)))
+            record.added_params.append((bs.module, "bias", existed))
             if not bs.native:
                 record.hooks.append(bs.module.register_forward_hook(_bias_hook))
         object.__setattr__(model, RECORD_ATTR, record)
@@ -192,8 +194,11 @@ def _restore(model: nn.Module, record: PatchRecord) -> None:
     for owner, name in reversed(record.added_modules):
         if name in owner._modules:
             del owner._modules[name]
-    for module, name in record.added_params:
-        module.register_parameter(name, None)
+    for module, name, existed in record.added_params:
+        if existed:  # nn.Linear(bias=False) keeps a None slot
+            module.register_parameter(name, None)
+        else:
+            module._parameters.pop(name, None)
     with torch.no_grad():
         for p, saved in record.snapshots:
             p.copy_(saved)

@@ -14,7 +14,8 @@ class GPT2Backbone(Backbone):
         super().__init__(model)
         roots = find_modules(model, ("GPT2Model",))
         if len(roots) != 1:
-            raise ValueError(f"model: expected one GPT2Model inside {type(model).__name__}, found {len(roots)}")
+            raise ValueError(f"model: expected one GPT2Model inside {type(model).__name__}, found {len(roots)}; "
+                             f"supported: GPT-2, RoBERTa, BERT and T5 transformers models")
         self.root = roots[0]
 
     @property

@@ -17,7 +17,7 @@ class RobertaBackbone(Backbone):
         roots = find_modules(model, self._root_classes)
         if len(roots) != 1:
             raise ValueError(f"model: expected one RobertaModel/BertModel inside {type(model).__name__}, "
-                             f"found {len(roots)}")
+                             f"found {len(roots)}; supported: GPT-2, RoBERTa, BERT and T5 transformers models")
         self.root = roots[0]
 
     @property

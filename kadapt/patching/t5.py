@@ -16,7 +16,8 @@ class T5Backbone(Backbone):
         super().__init__(model)
         stacks = find_modules(model, ("T5Stack",))
         if not stacks:
-            raise ValueError(f"model: found no T5Stack inside {type(model).__name__}")
+            raise ValueError(f"model: found no T5Stack inside {type(model).__name__}; supported: GPT-2, RoBERTa, "
+                             f"BERT and T5 transformers models")
         self.stack_modules = {("decoder" if s.is_decoder else "encoder"): s for s in stacks}
         if len(self.stack_modules) != len(stacks):
             raise ValueError(f"model: expected at most one encoder and one decoder T5Stack, found {len(stacks)}")
