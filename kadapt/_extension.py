@@ -1,0 +1,96 @@
+"""The compiled CUDA extension ``kadapt._C``: loading, fake (meta) kernels and build information.
+
+Importing this module is cheap and never raises; ``load()`` imports ``kadapt._C`` once (which
+registers the ops under ``torch.ops.kadapt``) and registers the fake implementations that let
+``torch.compile`` and meta tensors trace the ops.
+"""
+from __future__ import annotations
+
+import json
+import math
+import threading
+from importlib import resources
+
+_lock = threading.Lock()
+_attempted = False
+_loaded = False
+_error: str | None = None
+_build_info: dict | None = None
+
+OPS = ("bottleneck_adapter_fwd",)
+
+
+def _register_fakes() -> None:
+    import torch
+
+    @torch.library.register_fake("kadapt::bottleneck_adapter_fwd")
+    def _bottleneck_adapter_fwd_fake(x, residual, w_down, b_down, w_up, b_up, activation):
+        rows = math.prod(x.shape[:-1])
+        m = w_down.shape[1]
+        return x.new_empty(x.shape), x.new_empty((rows, m), dtype=torch.float32)
+
+
+def load() -> bool:
+    """Import kadapt._C once; True when it imported. Never raises."""
+    global _attempted, _loaded, _error
+    if _attempted:
+        return _loaded
+    with _lock:
+        if _attempted:
+            return _loaded
+        try:
+            import torch  # noqa: F401 - libc10/libtorch must be loaded before _C
+
+            from kadapt import _C  # noqa: F401 - registers torch.ops.kadapt.*
+        except (ImportError, OSError) as exc:
+            _error = f"{type(exc).__name__}: {exc}"
+        else:
+            try:
+                _register_fakes()
+            except Exception as exc:  # noqa: BLE001 - keep kadapt importable whatever happens
+                _error = f"kadapt._C imported but registering its fake kernels failed: {exc!r}"
+            else:
+                _loaded = True
+        _attempted = True
+    return _loaded
+
+
+def is_built() -> bool:
+    """True iff kadapt._C imports and registered torch.ops.kadapt.bottleneck_adapter_fwd."""
+    if not load():
+        return False
+    import torch
+
+    try:
+        return all(hasattr(torch.ops.kadapt, op) for op in OPS)
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def import_error() -> str | None:
+    """Why kadapt._C could not be imported (None when it imported)."""
+    load()
+    return _error
+
+
+def build_info() -> dict:
+    """Contents of kadapt/_build_info.json, written by setup.py at build time."""
+    global _build_info
+    if _build_info is None:
+        info = None
+        try:
+            res = resources.files("kadapt").joinpath("_build_info.json")
+            if res.is_file():
+                info = json.loads(res.read_text(encoding="utf-8"))
+        except Exception as exc:  # noqa: BLE001
+            info = {"cuda_extension": False, "reason": f"unreadable _build_info.json: {exc!r}"}
+        if not isinstance(info, dict):
+            info = {"cuda_extension": False, "reason": "not built (source tree)"}
+        _build_info = info
+    return dict(_build_info)
+
+
+def built_archs() -> list[str]:
+    """CUDA archs kadapt._C was compiled for (empty when it was not built)."""
+    info = build_info()
+    return list(info.get("archs") or []) if info.get("cuda_extension") else []
