@@ -29,15 +29,6 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 
 # --------------------------------------------------------------------------------------------- models
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads; on a busy machine the thread hand-offs dominate."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny(family: str, hidden: int = 64, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     if family == "gpt2":

@@ -39,15 +39,6 @@ LR = {name: 1e-2 for name in METHOD_NAMES}
 LR["full_finetune"] = 1e-3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads; on a busy machine the thread hand-offs dominate."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ----------------------------------------------------------------------------------------------
 # Tiny models (random weights, built from configs) and synthetic data sets
 # ----------------------------------------------------------------------------------------------
