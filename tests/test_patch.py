@@ -217,3 +217,23 @@ def test_patch_returns_model_and_deepcopy_works():
             if p.requires_grad:
                 p.add_(1.0)
     assert not torch.equal(output(twin, "roberta"), output(model, "roberta"))
+
+
+@pytest.mark.parametrize("family", ["gpt2", "roberta", "t5"])
+def test_patched_model_compiles_fullgraph(family):
+    """No graph breaks through the hooks and the op dispatch (dynamo only; no codegen needed)."""
+    torch._dynamo.reset()
+    model = tiny(family)
+    kadapt.patch(model, kadapt.CompacterConfig(bottleneck_dim=8))
+    kw = inputs(family)
+    eager = output(model, family, **kw)
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    assert torch.equal(compiled(**kw).logits, eager)
+
+
+def test_debug_log_names_the_backend(caplog):
+    model = tiny("gpt2")
+    kadapt.patch(model, kadapt.AdapterConfig(bottleneck_dim=8))
+    with caplog.at_level("DEBUG", logger="kadapt"):
+        output(model, "gpt2")
+    assert "bottleneck_adapter: reference backend" in caplog.text

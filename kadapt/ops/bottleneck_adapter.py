@@ -16,6 +16,12 @@ from kadapt.ops.activations import ACTIVATION_CODES, activation
 logger = logging.getLogger("kadapt")
 
 
+def _log_backend(msg: str, *args) -> None:
+    # Dynamo cannot trace logging calls; skipping them while compiling keeps graphs whole.
+    if not torch.compiler.is_compiling():
+        logger.debug(msg, *args)
+
+
 def bottleneck_adapter_reference(x: torch.Tensor, w_down: torch.Tensor, b_down: torch.Tensor,
                                  w_up: torch.Tensor, b_up: torch.Tensor, act: str = "gelu_new",
                                  residual: torch.Tensor | None = None) -> torch.Tensor:
@@ -90,7 +96,7 @@ def bottleneck_adapter(x: torch.Tensor, w_down: torch.Tensor, b_down: torch.Tens
     if backend == "cuda" and reason is not None:
         raise RuntimeError(f"backend 'cuda' is forced but cannot run bottleneck_adapter: {reason}")
     if reason is None:
-        logger.debug("bottleneck_adapter: cuda backend")
+        _log_backend("bottleneck_adapter: cuda backend")
         return _CudaBottleneckAdapter.apply(x, w_down, b_down, w_up, b_up, act, residual)
-    logger.debug("bottleneck_adapter: reference backend (%s)", reason)
+    _log_backend("bottleneck_adapter: reference backend (%s)", reason)
     return bottleneck_adapter_reference(x, w_down, b_down, w_up, b_up, act, residual)
