@@ -237,3 +237,49 @@ def test_debug_log_names_the_backend(caplog):
     with caplog.at_level("DEBUG", logger="kadapt"):
         output(model, "gpt2")
     assert "bottleneck_adapter: reference backend" in caplog.text
+
+
+def _variants():
+    import transformers as tf
+
+    gpt2 = tf.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=100, n_positions=64, num_labels=3,
+                         pad_token_id=0)
+    bert = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, vocab_size=100,
+                max_position_embeddings=80, num_labels=3)
+    t5 = tf.T5Config(vocab_size=100, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4,
+                     decoder_start_token_id=0, num_labels=3)
+    return [
+        (tf.GPT2Model, gpt2, None), (tf.GPT2ForSequenceClassification, gpt2, "score"),
+        (tf.GPT2ForTokenClassification, gpt2, "classifier"), (tf.RobertaModel, tf.RobertaConfig(**bert), None),
+        (tf.RobertaForTokenClassification, tf.RobertaConfig(**bert), "classifier"),
+        (tf.BertModel, tf.BertConfig(**bert), None),
+        (tf.BertForQuestionAnswering, tf.BertConfig(**{**bert, "num_labels": 2}), "qa_outputs"),
+        (tf.T5Model, t5, None), (tf.T5EncoderModel, t5, None),
+        (tf.T5ForSequenceClassification, t5, "classification_head"),
+    ]
+
+
+@pytest.mark.parametrize("cls,config,head", _variants(), ids=lambda v: getattr(v, "__name__", None))
+@pytest.mark.parametrize("method", ["compacter", "bitfit"])
+def test_bare_and_task_head_model_classes(cls, config, head, method):
+    torch.manual_seed(0)
+    model = cls(config).eval()
+    ids = torch.randint(3, 100, (2, 7))
+    ids[:, -1] = 1  # T5's EOS: T5ForSequenceClassification pools there
+    kw = {"input_ids": ids}
+    if cls.__name__ in ("T5Model", "T5ForSequenceClassification"):
+        kw["decoder_input_ids"] = ids
+    first = lambda out: out[0]  # noqa: E731 - last_hidden_state / logits / start_logits
+    base = first(model(**kw))
+    kadapt.patch(model, tiny_configs()[method])
+    first(model(**kw)).float().pow(2).mean().backward()
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert names and all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    if head is not None:
+        assert {n for n, _ in getattr(model, head).named_parameters(prefix=head)} <= names
+    n_adapters = sum(n.endswith("kadapt_adapter") for n, _ in model.named_modules())
+    if method == "compacter":
+        blocks = 4 if cls.__name__ in ("T5Model", "T5ForSequenceClassification") else 2
+        assert n_adapters == 2 * blocks
+    kadapt.unpatch(model)
+    assert torch.equal(first(model(**kw)), base)
