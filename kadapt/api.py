@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from kadapt.configs import KadaptConfig
-from kadapt.patching import get_backbone, get_record, patch, unpatch
+from kadapt.patching import added_parameters, get_backbone, get_record, patch, unpatch
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -22,14 +22,17 @@ def trainable_parameters(model: nn.Module) -> tuple[int, int]:
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
 
-def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Name -> tensor of every trainable parameter, each shared tensor once under its first name."""
-    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """What an adapter file holds: every trainable parameter plus every parameter kadapt added
+    (frozen ones too, e.g. PHM rules with learn_phm=False), each shared tensor once under its first name."""
+    record = get_record(model)
+    added = added_parameters(record) if record is not None else set()
+    return {name: p for name, p in model.named_parameters() if p.requires_grad or p in added}
 
 
 def save_adapter(model: nn.Module, directory: str | os.PathLike) -> None:
     """Write ``adapter_config.json`` (method config + model identity) and ``adapter_model.safetensors``
-    (the trainable state only) into ``directory``."""
+    (the trainable state plus kadapt's added tensors) into ``directory``."""
     from safetensors.torch import save_file
 
     record = get_record(model)
@@ -37,7 +40,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike) -> None:
         raise ValueError("model is not patched by kadapt: patch it (kadapt.patch) before save_adapter")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in trainable_state(model).items()}
+    state = {k: v.detach().contiguous().cpu() for k, v in adapter_state(model).items()}
     meta = {
         "format_version": FORMAT_VERSION,
         "config": record.config.to_dict(),
@@ -106,7 +109,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     if patched_here:
         patch(model, config)
     try:
-        target = trainable_state(model)
+        target = adapter_state(model)
         missing, unexpected = sorted(set(target) - set(weights)), sorted(set(weights) - set(target))
         if missing or unexpected:
             raise ValueError(f"adapter tensors do not match the patched model: missing {missing[:5]}"

@@ -6,6 +6,7 @@ swapped for another one.
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 import os
@@ -45,7 +46,9 @@ def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+@functools.cache
 def cuda_extension_built() -> bool:
+    """Whether kadapt._C loads with its ops (checked once per process: it is on every op call)."""
     from kadapt import _extension
 
     return _extension.is_built()

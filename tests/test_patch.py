@@ -283,3 +283,54 @@ def test_bare_and_task_head_model_classes(cls, config, head, method):
         assert n_adapters == 2 * blocks
     kadapt.unpatch(model)
     assert torch.equal(first(model(**kw)), base)
+
+
+@pytest.mark.parametrize("config", [kadapt.CompacterConfig(bottleneck_dim=8, learn_phm=False, phm_c_init="uniform"),
+                                    kadapt.PHMAdapterConfig(bottleneck_dim=8, phm_dim=4, learn_phm=False)],
+                         ids=["compacter", "phm_adapter"])
+def test_save_load_keeps_frozen_added_tensors(tmp_path, config):
+    """learn_phm=False freezes the random PHM rules: the adapter file must still carry them."""
+    model = tiny("gpt2")
+    model.save_pretrained(tmp_path / "base")
+    kadapt.patch(model, config)
+    assert not any(p.requires_grad for n, p in model.named_parameters() if n.endswith("rule.weight"))
+    expected = output(model, "gpt2")
+    kadapt.save_adapter(model, tmp_path / "adapter")
+    fresh = type(model).from_pretrained(tmp_path / "base").eval()
+    torch.manual_seed(123)  # a different draw of the rules at patch time
+    kadapt.load_adapter(fresh, tmp_path / "adapter")
+    assert torch.equal(output(fresh, "gpt2"), expected)
+
+
+def test_compacter_on_mixed_precision_t5():
+    """HF keeps T5's `wo` in fp32 when loading in half precision: the shared rule serves both dtypes."""
+    model = tiny("t5").to(torch.bfloat16)
+    for block in list(model.encoder.block) + list(model.decoder.block):
+        block.layer[-1].DenseReluDense.wo.float()
+    kadapt.patch(model, kadapt.CompacterConfig(bottleneck_dim=8))
+    kw = inputs("t5")
+    model(**kw).logits.float().sum().backward()
+    assert model.kadapt_phm_rule.weight.grad is not None
+
+
+def test_low_rank_rank_above_bottleneck_is_allowed():
+    model = tiny("roberta")
+    kadapt.patch(model, kadapt.LowRankAdapterConfig(bottleneck_dim=4, rank=6))
+    assert torch.isfinite(output(model, "roberta")).all()
+
+
+def test_record_keeps_its_own_config_copy(tmp_path):
+    model = tiny("gpt2")
+    config = kadapt.AdapterConfig(bottleneck_dim=8)
+    kadapt.patch(model, config)
+    config.bottleneck_dim = 4  # a later edit must not change what save_adapter records
+    kadapt.save_adapter(model, tmp_path)
+    assert '"bottleneck_dim": 8' in (tmp_path / "adapter_config.json").read_text()
+
+
+def test_compacter_without_sites_adds_no_rule():
+    model = tiny("gpt2")
+    kadapt.patch(model, kadapt.CompacterConfig(bottleneck_dim=8, layers=[]))
+    assert not hasattr(model, "kadapt_phm_rule")
+    assert kadapt.trainable_parameters(model)[0] == sum(
+        p.numel() for n, p in model.named_parameters() if "ln_" in n)

@@ -105,7 +105,8 @@ class PHMProjection(nn.Module):
         return self.phm_b if hasattr(self, "phm_b") else self.phm_s @ self.phm_t
 
     def weight(self) -> torch.Tensor:
-        a, b = self.rule_tensor(), self.factors()
+        b = self.factors()
+        a = self.rule_tensor().to(b.dtype)
         n, ki, ko = b.shape
         # (i, c, a) x (i, κ, p) -> (c, κ, a, p) -> (in, out)
         return torch.einsum("ica,ikp->ckap", a, b).reshape(n * ki, n * ko)
@@ -146,8 +147,6 @@ def validate_bottleneck(config: BottleneckConfig, dim: int) -> int:
             raise ValueError(
                 f"phm_dim={n} must divide both the hidden size D={dim} and the bottleneck m={m}; "
                 f"allowed phm_dim values here: {divisors(math.gcd(dim, m))}")
-    if isinstance(config, LowRankAdapterConfig) and config.rank > min(dim, m):
-        raise ValueError(f"rank={config.rank} exceeds min(D, m) = {min(dim, m)}; allowed: 1..{min(dim, m)}")
     return m
 
 

@@ -66,16 +66,24 @@ class _CudaBottleneckAdapter(torch.autograd.Function):
         return (gx.reshape(ctx.shape), x2.t() @ g_z, g_z.sum(0), h.t() @ g, g.sum(0), None, g_res)
 
 
-def _cuda_can_run(x: torch.Tensor, *ws: torch.Tensor) -> str | None:
+# The kernel stages 1024 x columns plus z in 48 KiB of shared memory (csrc/bottleneck_adapter.cu).
+CUDA_MAX_BOTTLENECK = 48 * 1024 // 4 - 1024
+
+
+def _cuda_can_run(x: torch.Tensor, w_down: torch.Tensor, ws: tuple, residual: torch.Tensor | None) -> str | None:
     """None if the CUDA kernel can take these inputs, else the reason it cannot."""
     if not x.is_cuda:
-        return f"inputs are on {x.device}, the CUDA backend needs CUDA tensors"
+        return "inputs are not CUDA tensors"
     if not backends.cuda_extension_built():
         return "the CUDA extension kadapt._C was not built (see `python -m kadapt info`)"
     if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         return f"dtype {x.dtype} is not one of float32, float16, bfloat16"
     if any(w.dtype != x.dtype or w.device != x.device for w in ws):
         return "weights and input differ in dtype or device"
+    if w_down.shape[1] > CUDA_MAX_BOTTLENECK:
+        return f"bottleneck m={w_down.shape[1]} exceeds the kernel's {CUDA_MAX_BOTTLENECK}"
+    if residual is not None and residual.shape != x.shape:
+        return f"residual shape {tuple(residual.shape)} differs from x {tuple(x.shape)}"
     return None
 
 
@@ -92,7 +100,7 @@ def bottleneck_adapter(x: torch.Tensor, w_down: torch.Tensor, b_down: torch.Tens
     if backend == "triton":
         raise RuntimeError("backend 'triton' is forced but bottleneck_adapter has no Triton kernel yet; "
                            "use set_backend('auto'), 'reference' or 'cuda'")
-    reason = _cuda_can_run(x, *ws)
+    reason = _cuda_can_run(x, w_down, ws, residual)
     if backend == "cuda" and reason is not None:
         raise RuntimeError(f"backend 'cuda' is forced but cannot run bottleneck_adapter: {reason}")
     if reason is None:

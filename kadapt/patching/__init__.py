@@ -7,6 +7,7 @@ the model is touched; a failure while attaching rolls back, leaving the model as
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 
 import torch
@@ -119,9 +120,9 @@ def _plan(model: nn.Module, backbone: Backbone, config: KadaptConfig) -> _Plan:
         dim = backbone.hidden_size
         validate_bottleneck(config, dim)
         sites = _selected_sites(config, backbone)
-        if isinstance(config, CompacterConfig) and config.shared_phm_rule:
+        if isinstance(config, CompacterConfig) and config.shared_phm_rule and sites:
             plan.shared_rule = PHMRule(config.phm_dim, config.phm_c_init, config.phm_init_range,
-                                       _factory(sites[0].ref_weight) if sites else {}, config.learn_phm)
+                                       _factory(sites[0].ref_weight), config.learn_phm)
         for site in sites:
             plan.adapters.append((site, build_adapter(config, dim, _factory(site.ref_weight), plan.shared_rule)))
         if config.unfreeze_layer_norms:
@@ -155,7 +156,8 @@ def patch(model: nn.Module, config: KadaptConfig) -> nn.Module:
                          f"call kadapt.unpatch(model) first")
     plan = _plan(model, backbone, config)
 
-    record = PatchRecord(config=config, family=backbone.family, hidden_size=backbone.hidden_size)
+    # The record keeps its own copy: later edits of the caller's config must not change what was applied.
+    record = PatchRecord(config=copy.deepcopy(config), family=backbone.family, hidden_size=backbone.hidden_size)
     try:
         params = list(dict.fromkeys(model.parameters()))  # unique, in order
         record.requires_grad = [(p, p.requires_grad) for p in params]
@@ -186,6 +188,13 @@ def patch(model: nn.Module, config: KadaptConfig) -> nn.Module:
         _restore(model, record)
         raise
     return model
+
+
+def added_parameters(record: PatchRecord) -> set[nn.Parameter]:
+    """Every parameter kadapt added (trainable or not), for save/load."""
+    params = {p for owner, name in record.added_modules for p in owner._modules[name].parameters()}
+    params |= {module._parameters[name] for module, name, _ in record.added_params}
+    return params
 
 
 def _restore(model: nn.Module, record: PatchRecord) -> None:
