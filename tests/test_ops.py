@@ -122,21 +122,43 @@ def test_backend_from_environment(monkeypatch):
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.float16, 2e-2), (torch.bfloat16, 5e-2)])
 @pytest.mark.parametrize("act", ACTS)
 def test_cuda_op_forward_and_gradients_match_reference(dtype, tol, act):
+    """Shapes cover: D tails across the kernel's 1024-column chunks (1500), the one-token-per-CTA path
+    (m > 512), T = 0, leading dims, and a residual that is not x."""
     from kadapt import _extension
 
     if not _extension.is_built():
         pytest.skip("kadapt._C not built")
-    for t, d, m in [(1, 600, 6), (37, 768, 24), (513, 1024, 64), (100, 4096, 256)]:
+    cases = [((1,), 600, 6, True), ((37,), 768, 24, False), ((3, 171), 1024, 64, False),
+             ((100,), 4096, 256, True), ((29,), 1500, 600, False), ((0,), 768, 24, False)]
+    for lead, d, m, separate_residual in cases:
+        t = int(torch.tensor(lead).prod())
         x, wd, bd, wu, bu = (a.to("cuda", dtype) for a in _inputs(t, d, m, dtype=torch.float32))
-        leaves = [p.requires_grad_(True) for p in (x, wd, bd, wu, bu)]
-        gy = torch.randn(t, d, device="cuda", dtype=dtype)
+        x = x.view(*lead, d)
+        res = torch.randn_like(x) if separate_residual else x
+        leaves = [p.requires_grad_(True) for p in ((x, wd, bd, wu, bu) + ((res,) if separate_residual else ()))]
+        gy = torch.randn_like(x)
         kadapt.set_backend("reference")
-        y_ref = bottleneck_adapter(*[p.double() for p in leaves], act, leaves[0].double())
-        g_ref = torch.autograd.grad(y_ref, leaves, gy.double())
+        dbl = [p.double() for p in leaves]
+        y_ref = bottleneck_adapter(*dbl[:5], act, dbl[5] if separate_residual else dbl[0])
+        g_ref = torch.autograd.grad(y_ref, leaves, gy.double()) if t else ()
         kadapt.set_backend("cuda")
-        y = bottleneck_adapter(x, wd, bd, wu, bu, act, x)
-        g = torch.autograd.grad(y, leaves, gy)
+        y = bottleneck_adapter(x, wd, bd, wu, bu, act, res)
+        g = torch.autograd.grad(y, leaves, gy) if t else ()
+        assert y.shape == x.shape and y.dtype == dtype
         for a, b in zip((y,) + g, (y_ref,) + g_ref):
+            if a.numel() == 0:
+                continue
             assert torch.isfinite(a).all()
             scale = b.abs().max().clamp_min(1.0)
-            assert ((a.double() - b).abs().max() / scale).item() < tol
+            assert ((a.double() - b).abs().max() / scale).item() < tol, (lead, d, m, act, dtype)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_auto_backend_falls_back_for_bottleneck_beyond_the_kernel():
+    x, wd, bd, wu, bu = (a.to("cuda", torch.float32) for a in _inputs(3, 64, op_module.CUDA_MAX_BOTTLENECK + 1))
+    kadapt.set_backend("auto")
+    torch.testing.assert_close(bottleneck_adapter(x, wd, bd, wu, bu, "relu", x),
+                               bottleneck_adapter_reference(x, wd, bd, wu, bu, "relu", x))
+    kadapt.set_backend("cuda")
+    with pytest.raises(RuntimeError, match="exceeds the kernel"):
+        bottleneck_adapter(x, wd, bd, wu, bu, "relu", x)
