@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
-ACTIVATIONS = ("gelu_new", "gelu_tanh", "gelu", "relu", "swish")
+from kadapt.ops.activations import ACTIVATION_CODES
+
+ACTIVATIONS = tuple(ACTIVATION_CODES)  # one list: the ops' activation table
 PLACEMENTS = ("attn", "ffn", "both")
 
 
@@ -23,6 +25,11 @@ def _check_choice(name: str, value: Any, allowed: tuple) -> None:
 def _check_bool(name: str, value: Any) -> None:
     if not isinstance(value, bool):
         raise ValueError(f"{name}={value!r} must be a bool (True or False)")
+
+
+def _check_positive(name: str, value: Any, hint: str = "") -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name}={value!r} must be a finite number > 0{hint}")
 
 
 def _check_int(name: str, value: Any, low: int) -> None:
@@ -86,9 +93,7 @@ class BottleneckConfig(KadaptConfig):
     unfreeze_layer_norms: bool = True
 
     def __post_init__(self) -> None:
-        rf = self.reduction_factor
-        if isinstance(rf, bool) or not isinstance(rf, (int, float)) or not math.isfinite(rf) or rf <= 0:
-            raise ValueError(f"reduction_factor={rf!r} must be a finite number > 0 (m = int(D // reduction_factor))")
+        _check_positive("reduction_factor", self.reduction_factor, " (m = int(D // reduction_factor))")
         if self.bottleneck_dim is not None:
             _check_int("bottleneck_dim", self.bottleneck_dim, 1)
         _check_choice("activation", self.activation, ACTIVATIONS)
@@ -201,9 +206,7 @@ class CompacterConfig(BottleneckConfig):
         super().__post_init__()
         _check_int("phm_dim", self.phm_dim, 1)
         _check_int("phm_rank", self.phm_rank, 1)
-        r = self.phm_init_range
-        if isinstance(r, bool) or not isinstance(r, (int, float)) or not math.isfinite(r) or r <= 0:
-            raise ValueError(f"phm_init_range={r!r} must be a finite number > 0")
+        _check_positive("phm_init_range", self.phm_init_range)
         _check_choice("phm_c_init", self.phm_c_init, ("normal", "uniform"))
         _check_bool("shared_phm_rule", self.shared_phm_rule)
         _check_bool("learn_phm", self.learn_phm)

@@ -1,6 +1,5 @@
 """Exact trainable-parameter integers of METHODS.md §5 (T5-base), §3 and §9 (GPT-2 small, RoBERTa-base)."""
 import pytest
-import torch
 
 import kadapt
 from _models import gpt2_small_meta, roberta_base_meta, t5_base_meta

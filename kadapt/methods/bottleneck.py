@@ -150,10 +150,15 @@ def validate_bottleneck(config: BottleneckConfig, dim: int) -> int:
     return m
 
 
-def build_adapter(config: BottleneckConfig, dim: int, factory: dict,
+def compacter_rule(config: CompacterConfig, factory: dict) -> PHMRule:
+    """A Compacter rule A: N(0, phm_init_range²) or U(-1, 1); one per model when shared."""
+    return PHMRule(config.phm_dim, config.phm_c_init, config.phm_init_range, factory, config.learn_phm)
+
+
+def build_adapter(config: BottleneckConfig, dim: int, m: int, factory: dict,
                   shared_rule: PHMRule | None = None) -> BottleneckAdapter:
-    """One adapter of the family ``config`` for width ``dim`` (validated by validate_bottleneck)."""
-    m = validate_bottleneck(config, dim)
+    """One adapter of the family ``config`` for width ``dim`` and bottleneck ``m``, both already
+    checked by validate_bottleneck."""
 
     def projection(i: int, o: int) -> nn.Module:
         if isinstance(config, AdapterConfig):
@@ -161,8 +166,7 @@ def build_adapter(config: BottleneckConfig, dim: int, factory: dict,
         if isinstance(config, LowRankAdapterConfig):
             return LowRankProjection(i, o, config.rank, factory)
         if isinstance(config, CompacterConfig):
-            own = None if shared_rule is not None else PHMRule(
-                config.phm_dim, config.phm_c_init, config.phm_init_range, factory, config.learn_phm)
+            own = None if shared_rule is not None else compacter_rule(config, factory)
             return PHMProjection(i, o, config.phm_dim, config.phm_rank, factory, rule=shared_rule, own_rule=own)
         if isinstance(config, PHMAdapterConfig):
             # Per-layer rule, std fixed at 0.01 upstream (phm_init_range does not reach it).

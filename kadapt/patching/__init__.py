@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from kadapt.configs import BitFitConfig, BottleneckConfig, CompacterConfig, FullFinetuneConfig, KadaptConfig
-from kadapt.methods.bottleneck import PHMRule, build_adapter, validate_bottleneck
+from kadapt.methods.bottleneck import PHMRule, build_adapter, compacter_rule, validate_bottleneck
 from kadapt.patching.base import Backbone, BiasSite, Site
 from kadapt.patching.gpt2 import GPT2Backbone
 from kadapt.patching.roberta import RobertaBackbone
@@ -118,13 +118,12 @@ def _plan(model: nn.Module, backbone: Backbone, config: KadaptConfig) -> _Plan:
     heads = [p for h in backbone.task_heads() for p in h.parameters()]
     if isinstance(config, BottleneckConfig):
         dim = backbone.hidden_size
-        validate_bottleneck(config, dim)
+        m = validate_bottleneck(config, dim)
         sites = _selected_sites(config, backbone)
         if isinstance(config, CompacterConfig) and config.shared_phm_rule and sites:
-            plan.shared_rule = PHMRule(config.phm_dim, config.phm_c_init, config.phm_init_range,
-                                       _factory(sites[0].ref_weight), config.learn_phm)
+            plan.shared_rule = compacter_rule(config, _factory(sites[0].ref_weight))
         for site in sites:
-            plan.adapters.append((site, build_adapter(config, dim, _factory(site.ref_weight), plan.shared_rule)))
+            plan.adapters.append((site, build_adapter(config, dim, m, _factory(site.ref_weight), plan.shared_rule)))
         if config.unfreeze_layer_norms:
             plan.train_existing += [p for ln in backbone.layer_norms() for p in ln.parameters()]
     elif isinstance(config, BitFitConfig):

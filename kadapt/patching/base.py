@@ -9,6 +9,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+SUPPORTED = "supported: GPT-2, RoBERTa, BERT and T5 transformers models"
+
 # Top-level attributes of HF task models that hold a newly initialised task head (these train).
 TASK_HEAD_NAMES = ("classifier", "score", "qa_outputs", "classification_head", "multiple_choice_head")
 
@@ -59,13 +61,17 @@ class Backbone:
         never T5 cross-attention), in model order."""
         raise NotImplementedError
 
+    def _body(self) -> list[nn.Module]:
+        """The modules the method trains in (not pretrained or task heads)."""
+        raise NotImplementedError
+
     def layer_norms(self) -> list[nn.Module]:
         """The backbone's own LayerNorms (not those of pretrained or task heads)."""
-        raise NotImplementedError
+        return [m for part in self._body() for m in part.modules() if isinstance(m, nn.LayerNorm)]
 
     def existing_biases(self) -> list[nn.Parameter] | None:
         """BitFit: the backbone's existing biases, or None when the family has none (T5)."""
-        raise NotImplementedError
+        return [p for part in self._body() for n, p in part.named_parameters() if n.endswith("bias")]
 
     def bias_sites(self, skip_final_ln: bool) -> list[BiasSite]:
         """BitFit on a bias-free family: where zero biases are added."""
@@ -82,3 +88,12 @@ class Backbone:
 
 def find_modules(root: nn.Module, class_names: tuple[str, ...]) -> list[nn.Module]:
     return [m for m in root.modules() if type(m).__name__ in class_names]
+
+
+def single_root(model: nn.Module, class_names: tuple[str, ...]) -> nn.Module:
+    """The one module of a class in ``class_names`` inside ``model``; ValueError otherwise."""
+    roots = find_modules(model, class_names)
+    if len(roots) != 1:
+        raise ValueError(f"model: expected one {'/'.join(class_names)} inside {type(model).__name__}, "
+                         f"found {len(roots)}; {SUPPORTED}")
+    return roots[0]

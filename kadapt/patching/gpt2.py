@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from kadapt.patching.base import Backbone, Site, find_modules
+from kadapt.patching.base import Backbone, Site, single_root
 
 
 class GPT2Backbone(Backbone):
@@ -12,11 +12,7 @@ class GPT2Backbone(Backbone):
 
     def __init__(self, model: nn.Module):
         super().__init__(model)
-        roots = find_modules(model, ("GPT2Model",))
-        if len(roots) != 1:
-            raise ValueError(f"model: expected one GPT2Model inside {type(model).__name__}, found {len(roots)}; "
-                             f"supported: GPT-2, RoBERTa, BERT and T5 transformers models")
-        self.root = roots[0]
+        self.root = single_root(model, ("GPT2Model",))
 
     @property
     def hidden_size(self) -> int:
@@ -32,8 +28,5 @@ class GPT2Backbone(Backbone):
             sites.append(Site("decoder", i, "ffn", block.mlp.c_proj, block.mlp.c_proj.weight))
         return sites
 
-    def layer_norms(self) -> list[nn.Module]:
-        return [m for m in self.root.modules() if isinstance(m, nn.LayerNorm)]
-
-    def existing_biases(self) -> list[nn.Parameter]:
-        return [p for n, p in self.root.named_parameters() if n.endswith("bias")]
+    def _body(self) -> list[nn.Module]:
+        return [self.root]

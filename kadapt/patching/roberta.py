@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from kadapt.patching.base import Backbone, Site, find_modules
+from kadapt.patching.base import Backbone, Site, single_root
 
 
 class RobertaBackbone(Backbone):
@@ -14,11 +14,7 @@ class RobertaBackbone(Backbone):
 
     def __init__(self, model: nn.Module):
         super().__init__(model)
-        roots = find_modules(model, self._root_classes)
-        if len(roots) != 1:
-            raise ValueError(f"model: expected one RobertaModel/BertModel inside {type(model).__name__}, "
-                             f"found {len(roots)}; supported: GPT-2, RoBERTa, BERT and T5 transformers models")
-        self.root = roots[0]
+        self.root = single_root(model, self._root_classes)
 
     @property
     def hidden_size(self) -> int:
@@ -38,9 +34,3 @@ class RobertaBackbone(Backbone):
     def _body(self) -> list[nn.Module]:
         # The pretrained pooler is not part of the trained body (METHODS.md §3 counts exclude it).
         return [self.root.embeddings, self.root.encoder]
-
-    def layer_norms(self) -> list[nn.Module]:
-        return [m for part in self._body() for m in part.modules() if isinstance(m, nn.LayerNorm)]
-
-    def existing_biases(self) -> list[nn.Parameter]:
-        return [p for part in self._body() for n, p in part.named_parameters() if n.endswith("bias")]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from kadapt.patching.base import Backbone, BiasSite, Site, find_modules
+from kadapt.patching.base import SUPPORTED, Backbone, BiasSite, Site, find_modules
 
 
 class T5Backbone(Backbone):
@@ -16,8 +16,7 @@ class T5Backbone(Backbone):
         super().__init__(model)
         stacks = find_modules(model, ("T5Stack",))
         if not stacks:
-            raise ValueError(f"model: found no T5Stack inside {type(model).__name__}; supported: GPT-2, RoBERTa, "
-                             f"BERT and T5 transformers models")
+            raise ValueError(f"model: found no T5Stack inside {type(model).__name__}; {SUPPORTED}")
         self.stack_modules = {("decoder" if s.is_decoder else "encoder"): s for s in stacks}
         if len(self.stack_modules) != len(stacks):
             raise ValueError(f"model: expected at most one encoder and one decoder T5Stack, found {len(stacks)}")
