@@ -63,3 +63,53 @@ def available_backends() -> list[str]:
         out.append("triton")
     out.append("reference")
     return out
+
+
+def triton_reason(x: torch.Tensor, forced: bool) -> str | None:
+    """None if Triton can run on x's device, else why not. Under ``auto`` Triton runs on CUDA
+    tensors only; a forced "triton" also runs CPU tensors in the interpreter (TRITON_INTERPRET=1)."""
+    if not triton_importable():
+        return "triton is not installed"
+    if x.is_cuda:
+        return None
+    if forced and triton_interpret() and x.device.type == "cpu":
+        return None
+    return ("inputs are not CUDA tensors" if not forced else
+            "inputs are not CUDA tensors (CPU tensors run in Triton's interpreter only with TRITON_INTERPRET=1 "
+            "set before kadapt's Triton kernels are first imported)")
+
+
+def cuda_reason(x: torch.Tensor) -> str | None:
+    """None if the CUDA extension can run on x's device, else why not."""
+    if not x.is_cuda:
+        return "inputs are not CUDA tensors"
+    if not cuda_extension_built():
+        return "the CUDA extension kadapt._C was not built (see `python -m kadapt info`)"
+    return None
+
+
+def resolve(op: str, x: torch.Tensor, cuda_unsupported: str | None = None,
+            triton_unsupported: str | None = None) -> str:
+    """The backend that runs ``op`` on x: "reference", "triton" or "cuda".
+
+    ``*_unsupported`` say why a kernel cannot take these inputs (dtype, shape), or None. A forced
+    backend that cannot run raises RuntimeError naming the reason; ``auto`` goes down the list
+    cuda → triton → reference and never changes the function computed.
+    """
+    backend = get_backend()
+    if backend == "reference":
+        return "reference"
+    forced = backend != "auto"
+    reasons = {
+        "cuda": cuda_reason(x) or cuda_unsupported,
+        "triton": triton_reason(x, forced and backend == "triton") or triton_unsupported,
+    }
+    if forced:
+        if reasons[backend] is not None:
+            raise RuntimeError(f"backend {backend!r} is forced but cannot run {op}: {reasons[backend]}; "
+                               f"use kadapt.set_backend('auto') or 'reference'")
+        return backend
+    for name in ("cuda", "triton"):
+        if reasons[name] is None:
+            return name
+    return "reference"

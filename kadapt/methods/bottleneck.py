@@ -1,7 +1,8 @@
 """Bottleneck-adapter family (METHODS.md §2): Houlsby/Pfeiffer (dense), low-rank, PHM and Compacter.
 
-Every projection exposes ``weight()`` (the materialised in×out matrix) and ``bias``; the adapter
-feeds them to ``kadapt.ops.bottleneck_adapter``, which picks the backend.
+Every projection exposes ``factored()`` (its factors as a kadapt.ops.AdapterWeight), ``weight()``
+(the materialised in×out matrix, reference) and ``bias``; the adapter feeds the factors to
+``kadapt.ops.fused_adapter``, which picks the backend and never materialises W on the Triton path.
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch
 from torch import nn
 
 from kadapt.configs import AdapterConfig, BottleneckConfig, CompacterConfig, LowRankAdapterConfig, PHMAdapterConfig
-from kadapt.ops import bottleneck_adapter
+from kadapt.ops import AdapterWeight, fused_adapter
 
 
 def glorot_sqrt2_(t: torch.Tensor) -> torch.Tensor:
@@ -45,6 +46,9 @@ class DenseProjection(nn.Module):
             kaiming_sqrt5_(self.w, in_features)
             kaiming_sqrt5_(self.bias, in_features)
 
+    def factored(self) -> AdapterWeight:
+        return AdapterWeight.dense(self.w)
+
     def weight(self) -> torch.Tensor:
         return self.w
 
@@ -58,8 +62,11 @@ class LowRankProjection(nn.Module):
         self.right = glorot_sqrt2_(_empty(rank, out_features, factory=factory))
         self.bias = nn.Parameter(torch.zeros(out_features, **factory))
 
+    def factored(self) -> AdapterWeight:
+        return AdapterWeight.lowrank(self.left, self.right)
+
     def weight(self) -> torch.Tensor:
-        return self.left @ self.right
+        return self.factored().materialize()
 
 
 class PHMRule(nn.Module):
@@ -104,12 +111,13 @@ class PHMProjection(nn.Module):
         """B ∈ R^{n×(in/n)×(out/n)}."""
         return self.phm_b if hasattr(self, "phm_b") else self.phm_s @ self.phm_t
 
+    def factored(self) -> AdapterWeight:
+        if hasattr(self, "phm_b"):
+            return AdapterWeight.phm(self.rule_tensor(), self.phm_b)
+        return AdapterWeight.compacter(self.rule_tensor(), self.phm_s, self.phm_t)
+
     def weight(self) -> torch.Tensor:
-        b = self.factors()
-        a = self.rule_tensor().to(b.dtype)
-        n, ki, ko = b.shape
-        # (i, c, a) x (i, κ, p) -> (c, κ, a, p) -> (in, out)
-        return torch.einsum("ica,ikp->ckap", a, b).reshape(n * ki, n * ko)
+        return self.factored().materialize()
 
 
 class BottleneckAdapter(nn.Module):
@@ -124,11 +132,13 @@ class BottleneckAdapter(nn.Module):
         self.ln_post = nn.LayerNorm(dim, **factory) if ln_post else None
 
     def forward(self, f: torch.Tensor) -> torch.Tensor:
+        wd, bd, wu, bu = self.down.factored(), self.down.bias, self.up.factored(), self.up.bias
+        if self.ln_pre is None and self.ln_post is None:
+            return fused_adapter(f, wd, bd, wu, bu, self.act, add_input=True)  # reads f once
         x = f if self.ln_pre is None else self.ln_pre(f)
-        wd, bd, wu, bu = self.down.weight(), self.down.bias, self.up.weight(), self.up.bias
         if self.ln_post is None:
-            return bottleneck_adapter(x, wd, bd, wu, bu, self.act, residual=f)
-        return f + self.ln_post(bottleneck_adapter(x, wd, bd, wu, bu, self.act))
+            return fused_adapter(x, wd, bd, wu, bu, self.act, residual=f)
+        return f + self.ln_post(fused_adapter(x, wd, bd, wu, bu, self.act))
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, bottleneck={self.bottleneck}, act={self.act}"

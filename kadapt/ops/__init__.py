@@ -1,5 +1,11 @@
-"""Fused ops. Each file holds the reference (pure PyTorch, the truth), the autograd op and the
-dispatch to the Triton or CUDA implementation (see kadapt.backends)."""
-from kadapt.ops.bottleneck_adapter import bottleneck_adapter, bottleneck_adapter_reference
+"""Ops: each file holds the reference (the truth), the custom op and the backend dispatch."""
+from kadapt.ops.fused_adapter import fused_adapter, fused_adapter_reference
+from kadapt.ops.phm import phm_linear, phm_linear_reference, phm_weight, phm_weight_reference
+from kadapt.ops.weights import WEIGHT_KINDS, AdapterWeight
 
-__all__ = ["bottleneck_adapter", "bottleneck_adapter_reference"]
+# Earlier names of the fused adapter (same arguments).
+bottleneck_adapter = fused_adapter
+bottleneck_adapter_reference = fused_adapter_reference
+
+__all__ = ["AdapterWeight", "WEIGHT_KINDS", "bottleneck_adapter", "bottleneck_adapter_reference", "fused_adapter",
+           "fused_adapter_reference", "phm_linear", "phm_linear_reference", "phm_weight", "phm_weight_reference"]

@@ -1,0 +1,194 @@
+"""Fused bottleneck adapter y = φ(x W_d + b_d) W_u + b_u (+ x) (+ residual) (METHODS.md §12.4).
+
+W_d and W_u are dense tensors or ``AdapterWeight``s (dense, low-rank, PHM, Compacter).
+
+Backends (kadapt.set_backend):
+- reference: the PyTorch formula below, the truth;
+- triton: kadapt/ops/triton/fused_adapter.py; forms weight tiles from the factors inside the kernel;
+- cuda: kadapt._C (csrc/fused_adapter.cu); materialises factored weights once per call.
+Both fused backends run the custom op ``kadapt::fused_adapter`` (fake implementation and autograd
+formula registered, so ``torch.compile(fullgraph=True)`` traces it whole). Its backward runs
+``kadapt::fused_adapter_backward`` (dx, g_z, h and db_u in one token-parallel kernel), then the two
+weight-gradient GEMMs dW_d = xᵀ g_z and dW_u = hᵀ dy and the factor gradients of §12.3.
+Saved for backward: x, the fp32 pre-activation z (T×m) and the factors; nothing else.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import torch
+
+from kadapt import backends
+from kadapt.ops.activations import ACTIVATION_CODES, activation
+from kadapt.ops.weights import WEIGHT_KINDS, AdapterWeight, as_weight, factor_grads
+
+logger = logging.getLogger("kadapt")
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Largest bottleneck each fused backend takes; larger ones run the reference under "auto".
+TRITON_MAX_BOTTLENECK = 256
+CUDA_MAX_BOTTLENECK = 256
+_KIND_NAMES = {v: k for k, v in WEIGHT_KINDS.items()}
+
+
+def _log_backend(msg: str, *args) -> None:
+    # Dynamo cannot trace logging calls; skipping them while compiling keeps graphs whole.
+    if not torch.compiler.is_compiling():
+        logger.debug(msg, *args)
+
+
+def fused_adapter_reference(x: torch.Tensor, w_down: torch.Tensor | AdapterWeight, b_down: torch.Tensor,
+                            w_up: torch.Tensor | AdapterWeight, b_up: torch.Tensor, act: str = "gelu_new",
+                            residual: torch.Tensor | None = None, add_input: bool = False) -> torch.Tensor:
+    """The truth: φ(x W_d + b_d) W_u + b_u, plus x if add_input, plus residual if given."""
+    wd = as_weight(w_down, "w_down").materialize()
+    wu = as_weight(w_up, "w_up").materialize()
+    a = activation(act, x @ wd + b_down) @ wu + b_up
+    if add_input:
+        a = x + a
+    return a if residual is None else residual + a
+
+
+# ---------------------------------------------------------------------------------------------
+# custom ops (fused backends only; the reference is plain autograd)
+
+def _dense_for_cuda(kind: int, ts: list[torch.Tensor]) -> torch.Tensor:
+    if kind == 0:
+        return ts[0]
+    if kind == 3:
+        return ts[0] @ ts[1]
+    return torch.ops.kadapt.kron_weight(ts[0], ts[1], ts[2] if kind == 2 else None)
+
+
+@torch.library.custom_op("kadapt::fused_adapter", mutates_args=())
+def _fused_adapter_op(x: torch.Tensor, residual: Optional[torch.Tensor], add_input: bool,
+                      w_down: list[torch.Tensor], down_kind: int, b_down: torch.Tensor,
+                      w_up: list[torch.Tensor], up_kind: int, b_up: torch.Tensor,
+                      act: int, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y, z) for 2-D contiguous x (T, D); z is the fp32 pre-activation (T, m)."""
+    if backend == "cuda":
+        return torch.ops.kadapt.fused_adapter_fwd(
+            x, residual, add_input, _dense_for_cuda(down_kind, w_down), b_down,
+            _dense_for_cuda(up_kind, w_up), b_up, act)
+    from kadapt.ops.triton import fused_adapter as kernels
+
+    return kernels.fused_adapter_fwd(x, residual, add_input, down_kind, w_down, b_down, up_kind, w_up, b_up, act)
+
+
+@_fused_adapter_op.register_fake
+def _(x, residual, add_input, w_down, down_kind, b_down, w_up, up_kind, b_up, act, backend):
+    return torch.empty_like(x), x.new_empty((x.shape[0], b_down.shape[0]), dtype=torch.float32)
+
+
+@torch.library.custom_op("kadapt::fused_adapter_backward", mutates_args=())
+def _fused_adapter_backward_op(dy: torch.Tensor, z: torch.Tensor, w_down: list[torch.Tensor], down_kind: int,
+                               w_up: list[torch.Tensor], up_kind: int, add_input: bool, act: int,
+                               backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, g_z, h, db_up): dx = (dy W_uᵀ ⊙ φ'(z)) W_dᵀ (+ dy), g_z and h = φ(z) in dy's dtype,
+    db_up = Σ_t dy_t in fp32."""
+    if backend == "cuda":
+        return torch.ops.kadapt.fused_adapter_bwd(
+            dy, z, _dense_for_cuda(down_kind, w_down), _dense_for_cuda(up_kind, w_up), add_input, act)
+    from kadapt.ops.triton import fused_adapter as kernels
+
+    return kernels.fused_adapter_bwd(dy, z, down_kind, w_down, up_kind, w_up, add_input, act)
+
+
+@_fused_adapter_backward_op.register_fake
+def _(dy, z, w_down, down_kind, w_up, up_kind, add_input, act, backend):
+    return (torch.empty_like(dy), dy.new_empty(z.shape), dy.new_empty(z.shape),
+            dy.new_empty((dy.shape[1],), dtype=torch.float32))
+
+
+def _setup_context(ctx, inputs, output):
+    x, residual, add_input, w_down, down_kind, b_down, w_up, up_kind, b_up, act, backend = inputs
+    ctx.save_for_backward(x, output[1], *w_down, *w_up)
+    ctx.n_down = len(w_down)
+    ctx.meta = (down_kind, up_kind, add_input, residual is not None, act, backend, b_down.dtype, b_up.dtype)
+    ctx.mark_non_differentiable(output[1])
+
+
+def _backward(ctx, dy, _dz):
+    x, z, *ws = ctx.saved_tensors
+    w_down, w_up = ws[:ctx.n_down], ws[ctx.n_down:]
+    down_kind, up_kind, add_input, has_residual, act, backend, bd_dtype, bu_dtype = ctx.meta
+    dy = dy.contiguous()
+    dx, g_z, h, db_up = torch.ops.kadapt.fused_adapter_backward(
+        dy, z, list(w_down), down_kind, list(w_up), up_kind, add_input, act, backend)
+    d_down = factor_grads(_KIND_NAMES[down_kind], w_down, x.t() @ g_z)
+    d_up = factor_grads(_KIND_NAMES[up_kind], w_up, h.t() @ dy)
+    db_down = g_z.sum(0, dtype=torch.float32).to(bd_dtype)
+    return (dx, dy if has_residual else None, None, d_down, None, db_down, d_up, None,
+            db_up.to(bu_dtype), None, None)
+
+
+_fused_adapter_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------
+# dispatch
+
+def _unsupported(x: torch.Tensor, weights: tuple[AdapterWeight, AdapterWeight], biases: tuple,
+                 residual: torch.Tensor | None, max_m: int) -> str | None:
+    """Why a fused kernel cannot take these inputs, or None."""
+    if x.dtype not in _DTYPES:
+        return f"dtype {x.dtype} is not one of float32, float16, bfloat16"
+    tensors = [t for w in weights for t in w.factor_tensors()] + list(biases)
+    if residual is not None:
+        tensors.append(residual)
+    if any(t.dtype != x.dtype for t in tensors):
+        return "weights, biases or residual differ in dtype from x (" + ", ".join(
+            sorted({str(t.dtype) for t in tensors} | {str(x.dtype)})) + ")"
+    if any(t.device != x.device for w in weights for t in w.tensors) or any(t.device != x.device for t in tensors):
+        return "weights and input are on different devices"
+    if biases[0].shape[0] > max_m:
+        return f"bottleneck m={biases[0].shape[0]} exceeds the kernel's {max_m}"
+    return None
+
+
+def _check_shapes(x, wd: AdapterWeight, b_down, wu: AdapterWeight, b_up, residual) -> None:
+    if x.dim() < 1:
+        raise ValueError("x must have at least one dimension (…, D)")
+    D = x.shape[-1]
+    d_in, m = wd.shape
+    if d_in != D:
+        raise ValueError(f"w_down must map D={D} (x.shape[-1]) to m, got an ({d_in}, {m}) weight")
+    if tuple(wu.shape) != (m, D):
+        raise ValueError(f"w_up must be ({m}, {D}) to map the bottleneck back, got {tuple(wu.shape)}")
+    if tuple(b_down.shape) != (m,):
+        raise ValueError(f"b_down must have shape ({m},), got {tuple(b_down.shape)}")
+    if tuple(b_up.shape) != (D,):
+        raise ValueError(f"b_up must have shape ({D},), got {tuple(b_up.shape)}")
+    if residual is not None and residual.shape != x.shape:
+        raise ValueError(f"residual shape {tuple(residual.shape)} differs from x {tuple(x.shape)}")
+
+
+def fused_adapter(x: torch.Tensor, w_down: torch.Tensor | AdapterWeight, b_down: torch.Tensor,
+                  w_up: torch.Tensor | AdapterWeight, b_up: torch.Tensor, act: str = "gelu_new",
+                  residual: torch.Tensor | None = None, add_input: bool = False) -> torch.Tensor:
+    """φ(x W_d + b_d) W_u + b_u (+ x if add_input) (+ residual) on the backend in force.
+
+    x is (…, D); W_d maps D → m and W_u m → D; with ``add_input`` the kernel reads x once for both
+    the projection and the residual (a sequential adapter f + a(f)).
+    """
+    if act not in ACTIVATION_CODES:
+        raise ValueError(f"act={act!r} is not allowed; allowed values: {', '.join(ACTIVATION_CODES)}")
+    wd, wu = as_weight(w_down, "w_down"), as_weight(w_up, "w_up")
+    _check_shapes(x, wd, b_down, wu, b_up, residual)
+    weights, biases = (wd, wu), (b_down, b_up)
+    backend = backends.resolve(
+        "fused_adapter", x,
+        cuda_unsupported=_unsupported(x, weights, biases, residual, CUDA_MAX_BOTTLENECK),
+        triton_unsupported=_unsupported(x, weights, biases, residual, TRITON_MAX_BOTTLENECK))
+    _log_backend("fused_adapter: %s backend", backend)
+    if backend == "reference":
+        return fused_adapter_reference(x, wd, b_down, wu, b_up, act, residual, add_input)
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1]).contiguous()
+    r2 = None if residual is None else residual.reshape(-1, shape[-1]).contiguous()
+    y, _ = torch.ops.kadapt.fused_adapter(
+        x2, r2, add_input, [t.contiguous() for t in wd.tensors], WEIGHT_KINDS[wd.kind], b_down.contiguous(),
+        [t.contiguous() for t in wu.tensors], WEIGHT_KINDS[wu.kind], b_up.contiguous(),
+        ACTIVATION_CODES[act], backend)
+    return y.reshape(shape)

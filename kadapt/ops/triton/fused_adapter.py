@@ -1,0 +1,294 @@
+"""Triton kernels of the fused bottleneck adapter (METHODS.md §12.3–§12.4) and of the Kronecker
+weight build W = Σ_i A_i ⊗ B_i.
+
+Weights are never materialised here: every kernel forms the (rows × cols) tile of W it needs from
+the factors, so a PHM, Compacter or low-rank adapter reads its few factor elements (cached in L1/L2)
+instead of a D×m matrix. Weight kinds (the ``KIND`` constexpr):
+
+  0 dense      [W]          W (in, out)
+  1 phm        [A, B]       W = Σ_i A_i ⊗ B_i,         A (n, n, n), B (n, in/n, out/n)
+  2 compacter  [A, s, t]    W = Σ_i A_i ⊗ (s_i t_i),   s (n, in/n, r), t (n, r, out/n)
+  3 lowrank    [l, r]       W = l r,                   l (in, r), r (r, out)
+
+Block convention: W[(c,κ),(a,p)] = Σ_i A_i[c,a] B_i[κ,p]. Accumulation is fp32 throughout; tiles
+are cast to the compute dtype right before ``tl.dot`` (tensor cores on the GPU).
+
+The host functions take 2-D row-major (T, D) activations (the op layer flattens and makes them
+contiguous) and contiguous factors.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+KINDS = {"dense": 0, "phm": 1, "compacter": 2, "lowrank": 3}
+
+_SQRT_2_OVER_PI = 0.7978845608028654
+_INV_SQRT2 = 0.7071067811865476
+_INV_SQRT_2PI = 0.3989422804014327
+
+
+@triton.jit
+def _tanh(u):
+    return 2.0 * tl.sigmoid(2.0 * u) - 1.0
+
+
+@triton.jit
+def _act(z, ACT: tl.constexpr):
+    """φ(z) in fp32: 0 gelu_tanh, 1 gelu (erf), 2 relu, 3 swish."""
+    if ACT == 0:
+        out = 0.5 * z * (1.0 + _tanh(_SQRT_2_OVER_PI * (z + 0.044715 * z * z * z)))
+    elif ACT == 1:
+        out = 0.5 * z * (1.0 + tl.math.erf(z * _INV_SQRT2))
+    elif ACT == 2:
+        out = tl.maximum(z, 0.0)
+    else:
+        out = z * tl.sigmoid(z)
+    return out
+
+
+@triton.jit
+def _dact(z, ACT: tl.constexpr):
+    """φ'(z) in fp32 (METHODS.md §12.4)."""
+    if ACT == 0:
+        th = _tanh(_SQRT_2_OVER_PI * (z + 0.044715 * z * z * z))
+        out = 0.5 * (1.0 + th) + 0.5 * z * (1.0 - th * th) * _SQRT_2_OVER_PI * (1.0 + 0.134145 * z * z)
+    elif ACT == 1:
+        out = 0.5 * (1.0 + tl.math.erf(z * _INV_SQRT2)) + z * tl.exp(-0.5 * z * z) * _INV_SQRT_2PI
+    elif ACT == 2:
+        out = tl.where(z > 0.0, 1.0, 0.0)
+    else:
+        sg = tl.sigmoid(z)
+        out = sg * (1.0 + z * (1.0 - sg))
+    return out
+
+
+@triton.jit
+def _weight_tile(p0, p1, p2, rows, cols, IN, OUT, N, R,
+                 KIND: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
+    """The fp32 tile W[rows, cols] of the in×out weight given by its factors (zeros outside)."""
+    rmask = rows < IN
+    cmask = cols < OUT
+    mask = rmask[:, None] & cmask[None, :]
+    if KIND == 0:
+        tile = tl.load(p0 + rows[:, None] * OUT + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    elif KIND == 3:
+        tile = tl.zeros((BR, BC), tl.float32)
+        for rho in range(R):
+            lv = tl.load(p0 + rows * R + rho, mask=rmask, other=0.0).to(tl.float32)
+            rv = tl.load(p1 + rho * OUT + cols, mask=cmask, other=0.0).to(tl.float32)
+            tile += lv[:, None] * rv[None, :]
+    else:
+        ki = IN // N
+        ko = OUT // N
+        c = rows // ki
+        kap = rows - c * ki
+        a = cols // ko
+        p = cols - a * ko
+        tile = tl.zeros((BR, BC), tl.float32)
+        for i in range(N):
+            rule = tl.load(p0 + i * N * N + c[:, None] * N + a[None, :], mask=mask, other=0.0).to(tl.float32)
+            if KIND == 1:
+                b = tl.load(p1 + i * ki * ko + kap[:, None] * ko + p[None, :], mask=mask, other=0.0).to(tl.float32)
+            else:
+                b = tl.zeros((BR, BC), tl.float32)
+                for rho in range(R):
+                    sv = tl.load(p1 + (i * ki + kap) * R + rho, mask=rmask, other=0.0).to(tl.float32)
+                    tv = tl.load(p2 + (i * R + rho) * ko + p, mask=cmask, other=0.0).to(tl.float32)
+                    b += sv[:, None] * tv[None, :]
+            tile += rule * b
+    return tile
+
+
+@triton.jit
+def _fused_adapter_fwd_kernel(
+        x_ptr, res_ptr, y_ptr, z_ptr,
+        d0, d1, d2, bd_ptr, u0, u1, u2, bu_ptr,
+        T, D, M, DN, DR, UN, UR,
+        HAS_RES: tl.constexpr, ADD_INPUT: tl.constexpr, ACT: tl.constexpr,
+        DKIND: tl.constexpr, UKIND: tl.constexpr, PREC: tl.constexpr,
+        BT: tl.constexpr, BK: tl.constexpr, BM: tl.constexpr):
+    """One program per BT tokens: z = x W_d + b_d (fp32, stored), h = φ(z) kept in registers,
+    then y = h W_u + b_u (+ x) (+ residual) streamed over D in BK-wide chunks."""
+    dtype = x_ptr.dtype.element_ty
+    rows = tl.program_id(0).to(tl.int64) * BT + tl.arange(0, BT)
+    rmask = rows < T
+    cm = tl.arange(0, BM)
+    mmask = cm < M
+    z = tl.zeros((BT, BM), tl.float32)
+    for k0 in range(0, D, BK):
+        ks = k0 + tl.arange(0, BK)
+        kmask = ks < D
+        xt = tl.load(x_ptr + rows[:, None] * D + ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
+        wt = _weight_tile(d0, d1, d2, ks, cm, D, M, DN, DR, DKIND, BK, BM)
+        z = tl.dot(xt, wt.to(dtype), z, input_precision=PREC)
+    z += tl.load(bd_ptr + cm, mask=mmask, other=0.0).to(tl.float32)[None, :]
+    zmask = rmask[:, None] & mmask[None, :]
+    tl.store(z_ptr + rows[:, None] * M + cm[None, :], z, mask=zmask)
+    h = tl.where(zmask, _act(z, ACT), 0.0).to(dtype)
+    for n0 in range(0, D, BK):
+        ns = n0 + tl.arange(0, BK)
+        nmask = ns < D
+        omask = rmask[:, None] & nmask[None, :]
+        off = rows[:, None] * D + ns[None, :]
+        wu = _weight_tile(u0, u1, u2, cm, ns, M, D, UN, UR, UKIND, BM, BK)
+        out = tl.dot(h, wu.to(dtype), input_precision=PREC)
+        out += tl.load(bu_ptr + ns, mask=nmask, other=0.0).to(tl.float32)[None, :]
+        if ADD_INPUT:
+            out += tl.load(x_ptr + off, mask=omask, other=0.0).to(tl.float32)
+        if HAS_RES:
+            out += tl.load(res_ptr + off, mask=omask, other=0.0).to(tl.float32)
+        tl.store(y_ptr + off, out.to(dtype), mask=omask)
+
+
+@triton.jit
+def _fused_adapter_bwd_kernel(
+        dy_ptr, z_ptr, dx_ptr, gz_ptr, h_ptr, dbu_part_ptr,
+        d0, d1, d2, u0, u1, u2,
+        T, D, M, DN, DR, UN, UR,
+        ADD_INPUT: tl.constexpr, ACT: tl.constexpr,
+        DKIND: tl.constexpr, UKIND: tl.constexpr, PREC: tl.constexpr,
+        BT: tl.constexpr, BK: tl.constexpr, BM: tl.constexpr):
+    """One program per BT tokens: g_h = dy W_uᵀ, g_z = g_h ⊙ φ'(z), dx = g_z W_dᵀ (+ dy); also
+    h = φ(z), g_z (for the weight-gradient GEMMs) and this program's column sums of dy (db_u)."""
+    dtype = dy_ptr.dtype.element_ty
+    pid = tl.program_id(0)
+    rows = pid.to(tl.int64) * BT + tl.arange(0, BT)
+    rmask = rows < T
+    cm = tl.arange(0, BM)
+    mmask = cm < M
+    g_h = tl.zeros((BT, BM), tl.float32)
+    for n0 in range(0, D, BK):
+        ns = n0 + tl.arange(0, BK)
+        nmask = ns < D
+        dyt = tl.load(dy_ptr + rows[:, None] * D + ns[None, :], mask=rmask[:, None] & nmask[None, :], other=0.0)
+        wu = _weight_tile(u0, u1, u2, cm, ns, M, D, UN, UR, UKIND, BM, BK)
+        g_h = tl.dot(dyt, tl.trans(wu.to(dtype)), g_h, input_precision=PREC)
+        tl.store(dbu_part_ptr + pid.to(tl.int64) * D + ns, tl.sum(dyt.to(tl.float32), axis=0), mask=nmask)
+    zmask = rmask[:, None] & mmask[None, :]
+    zoff = rows[:, None] * M + cm[None, :]
+    z = tl.load(z_ptr + zoff, mask=zmask, other=0.0)
+    g_z = tl.where(zmask, g_h * _dact(z, ACT), 0.0).to(dtype)
+    tl.store(gz_ptr + zoff, g_z, mask=zmask)
+    tl.store(h_ptr + zoff, _act(z, ACT).to(dtype), mask=zmask)
+    for k0 in range(0, D, BK):
+        ks = k0 + tl.arange(0, BK)
+        kmask = ks < D
+        omask = rmask[:, None] & kmask[None, :]
+        off = rows[:, None] * D + ks[None, :]
+        wd = _weight_tile(d0, d1, d2, ks, cm, D, M, DN, DR, DKIND, BK, BM)
+        dx = tl.dot(g_z, tl.trans(wd.to(dtype)), input_precision=PREC)
+        if ADD_INPUT:
+            dx += tl.load(dy_ptr + off, mask=omask, other=0.0).to(tl.float32)
+        tl.store(dx_ptr + off, dx.to(dtype), mask=omask)
+
+
+@triton.jit
+def _kron_weight_kernel(p0, p1, p2, w_ptr, IN, OUT, N, R,
+                        KIND: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
+    rows = tl.program_id(0) * BR + tl.arange(0, BR)
+    cols = tl.program_id(1) * BC + tl.arange(0, BC)
+    tile = _weight_tile(p0, p1, p2, rows, cols, IN, OUT, N, R, KIND, BR, BC)
+    mask = (rows < IN)[:, None] & (cols < OUT)[None, :]
+    tl.store(w_ptr + rows[:, None] * OUT + cols[None, :], tile.to(w_ptr.dtype.element_ty), mask=mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# host side
+
+def _empty(shape, *, device, dtype) -> torch.Tensor:
+    """Every output buffer comes from here (tests replace it with a NaN-poisoning allocator)."""
+    return torch.empty(shape, device=device, dtype=dtype)
+
+
+def _factor_args(kind: int, tensors: list[torch.Tensor]) -> tuple:
+    """(p0, p1, p2, N, R) kernel arguments of one weight."""
+    if kind == 0:
+        (w,) = tensors
+        return w, w, w, 1, 1
+    if kind == 1:
+        a, b = tensors
+        return a, b, b, a.shape[0], 1
+    if kind == 2:
+        a, s, t = tensors
+        return a, s, t, a.shape[0], s.shape[-1]
+    left, right = tensors
+    return left, right, right, 1, left.shape[-1]
+
+
+def _tiles(m: int) -> tuple[int, int, int, int]:
+    """(BT, BK, BM, num_warps) for bottleneck m."""
+    bm = max(16, triton.next_power_of_2(m))
+    if bm <= 64:
+        return 64, 64, bm, 4
+    if bm <= 128:
+        return 64, 64, bm, 8
+    return 64, 32, bm, 8
+
+
+def _prec(x: torch.Tensor) -> str:
+    # fp32 stays fp32 (no TF32): the fused op must compute the reference's function.
+    return "ieee" if x.dtype == torch.float32 else "tf32"
+
+
+def fused_adapter_fwd(x: torch.Tensor, residual: torch.Tensor | None, add_input: bool,
+                      down_kind: int, down: list[torch.Tensor], b_down: torch.Tensor,
+                      up_kind: int, up: list[torch.Tensor], b_up: torch.Tensor,
+                      act: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y, z) for 2-D contiguous x (T, D); z is the fp32 pre-activation (T, m)."""
+    T, D = x.shape
+    m = b_down.shape[0]
+    y = _empty(x.shape, device=x.device, dtype=x.dtype)
+    z = _empty((T, m), device=x.device, dtype=torch.float32)
+    if T == 0:
+        return y, z
+    bt, bk, bm, warps = _tiles(m)
+    d0, d1, d2, dn, dr = _factor_args(down_kind, down)
+    u0, u1, u2, un, ur = _factor_args(up_kind, up)
+    _fused_adapter_fwd_kernel[(triton.cdiv(T, bt),)](
+        x, residual if residual is not None else x, y, z,
+        d0, d1, d2, b_down, u0, u1, u2, b_up,
+        T, D, m, dn, dr, un, ur,
+        HAS_RES=residual is not None, ADD_INPUT=add_input, ACT=act,
+        DKIND=down_kind, UKIND=up_kind, PREC=_prec(x),
+        BT=bt, BK=bk, BM=bm, num_warps=warps)
+    return y, z
+
+
+def fused_adapter_bwd(dy: torch.Tensor, z: torch.Tensor, down_kind: int, down: list[torch.Tensor],
+                      up_kind: int, up: list[torch.Tensor], add_input: bool,
+                      act: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, g_z, h, db_up) for 2-D contiguous dy (T, D) and the saved fp32 z (T, m)."""
+    T, D = dy.shape
+    m = z.shape[1]
+    dx = _empty(dy.shape, device=dy.device, dtype=dy.dtype)
+    g_z = _empty((T, m), device=dy.device, dtype=dy.dtype)
+    h = _empty((T, m), device=dy.device, dtype=dy.dtype)
+    if T == 0:
+        return dx, g_z, h, torch.zeros(D, device=dy.device, dtype=torch.float32)
+    bt, bk, bm, warps = _tiles(m)
+    grid = triton.cdiv(T, bt)
+    partial = _empty((grid, D), device=dy.device, dtype=torch.float32)
+    d0, d1, d2, dn, dr = _factor_args(down_kind, down)
+    u0, u1, u2, un, ur = _factor_args(up_kind, up)
+    _fused_adapter_bwd_kernel[(grid,)](
+        dy, z, dx, g_z, h, partial,
+        d0, d1, d2, u0, u1, u2,
+        T, D, m, dn, dr, un, ur,
+        ADD_INPUT=add_input, ACT=act, DKIND=down_kind, UKIND=up_kind, PREC=_prec(dy),
+        BT=bt, BK=bk, BM=bm, num_warps=warps)
+    return dx, g_z, h, partial.sum(0)
+
+
+def kron_weight(kind: int, tensors: list[torch.Tensor], in_features: int, out_features: int,
+                dtype: torch.dtype) -> torch.Tensor:
+    """Materialise W (in, out) of a factored weight in one launch."""
+    w = _empty((in_features, out_features), device=tensors[-1].device, dtype=dtype)
+    if w.numel() == 0:
+        return w
+    p0, p1, p2, n, r = _factor_args(kind, tensors)
+    br, bc = 32, 32
+    _kron_weight_kernel[(triton.cdiv(in_features, br), triton.cdiv(out_features, bc))](
+        p0, p1, p2, w, in_features, out_features, n, r, KIND=kind, BR=br, BC=bc)
+    return w
