@@ -4,13 +4,17 @@ W_d and W_u are dense tensors or ``AdapterWeight``s (dense, low-rank, PHM, Compa
 
 Backends (kadapt.set_backend):
 - reference: the PyTorch formula below, the truth;
-- triton: kadapt/ops/triton/fused_adapter.py; forms weight tiles from the factors inside the kernel;
-- cuda: kadapt._C (csrc/fused_adapter.cu); materialises factored weights once per call.
-Both fused backends run the custom op ``kadapt::fused_adapter`` (fake implementation and autograd
-formula registered, so ``torch.compile(fullgraph=True)`` traces it whole). Its backward runs
-``kadapt::fused_adapter_backward`` (dx, g_z, h and db_u in one token-parallel kernel), then the two
-weight-gradient GEMMs dW_d = xᵀ g_z and dW_u = hᵀ dy and the factor gradients of §12.3.
-Saved for backward: x, the fp32 pre-activation z (T×m) and the factors; nothing else.
+- triton: kadapt/ops/triton/fused_adapter.py; dense and low-rank tiles are formed in-kernel, PHM and
+  Compacter weights are materialised by one launch for both projections;
+- cuda: kadapt._C (csrc/fused_adapter.cu); factored weights are materialised first.
+Forward: one token-parallel kernel (z = x W_d + b_d, φ, y = h W_u + b_u + x). Backward: one
+token-parallel kernel (dx, g_z, h, db_u, db_d), then the weight-gradient GEMMs dW_d = xᵀ g_z and
+dW_u = hᵀ dy and the factor gradients of §12.3. Saved: x, the fp32 pre-activation z (T×m), the
+factors and (eager) the materialised weights; no T×D tensor besides x.
+
+Eager calls go through a torch.autograd.Function; under torch.compile the same kernels run as the
+custom ops ``kadapt::fused_adapter`` / ``kadapt::fused_adapter_backward`` (fake implementations and
+autograd registered), so ``torch.compile(fullgraph=True)`` traces a patched model whole.
 """
 from __future__ import annotations
 
@@ -51,7 +55,28 @@ def fused_adapter_reference(x: torch.Tensor, w_down: torch.Tensor | AdapterWeigh
 
 
 # ---------------------------------------------------------------------------------------------
-# custom ops (fused backends only; the reference is plain autograd)
+# kernels of the fused backends
+
+def _prepare(down_kind: int, down: list[torch.Tensor], up_kind: int, up: list[torch.Tensor],
+             backend: str) -> tuple[int, list[torch.Tensor], int, list[torch.Tensor]]:
+    """The weights as the kernels take them. CUDA takes dense matrices; Triton forms dense and
+    low-rank tiles in-kernel and gets PHM/Compacter weights materialised by one launch for both
+    (forming Kronecker tiles per token tile re-gathers A n times per element: measured 6x slower)."""
+    if backend == "cuda":
+        return 0, [_dense_for_cuda(down_kind, down)], 0, [_dense_for_cuda(up_kind, up)]
+    from kadapt.ops.triton import fused_adapter as kernels
+
+    kron = [(k, ts) for k, ts in ((down_kind, down), (up_kind, up)) if k in (1, 2)]
+    if not kron:
+        return down_kind, down, up_kind, up
+    built = iter(kernels.kron_weights(
+        [(k, ts) + tuple(AdapterWeight(_KIND_NAMES[k], tuple(ts)).shape) for k, ts in kron], down[-1].dtype))
+    if down_kind in (1, 2):
+        down_kind, down = 0, [next(built)]
+    if up_kind in (1, 2):
+        up_kind, up = 0, [next(built)]
+    return down_kind, down, up_kind, up
+
 
 def _dense_for_cuda(kind: int, ts: list[torch.Tensor]) -> torch.Tensor:
     if kind == 0:
@@ -61,19 +86,77 @@ def _dense_for_cuda(kind: int, ts: list[torch.Tensor]) -> torch.Tensor:
     return torch.ops.kadapt.kron_weight(ts[0], ts[1], ts[2] if kind == 2 else None)
 
 
+def _forward_kernels(x, residual, add_input, down_kind, down, b_down, up_kind, up, b_up, act, backend):
+    """(y, z) from prepared weights."""
+    if backend == "cuda":
+        return torch.ops.kadapt.fused_adapter_fwd(x, residual, add_input, down[0], b_down, up[0], b_up, act)
+    from kadapt.ops.triton import fused_adapter as kernels
+
+    return kernels.fused_adapter_fwd(x, residual, add_input, down_kind, down, b_down, up_kind, up, b_up, act)
+
+
+def _backward_kernels(dy, z, down_kind, down, up_kind, up, add_input, act, backend):
+    """(dx, g_z, h, db_up, db_down) from prepared weights; bias gradients in fp32."""
+    if backend == "cuda":
+        dx, g_z, h, db_up = torch.ops.kadapt.fused_adapter_bwd(dy, z, down[0], up[0], add_input, act)
+        return dx, g_z, h, db_up, g_z.sum(0, dtype=torch.float32)
+    from kadapt.ops.triton import fused_adapter as kernels
+
+    return kernels.fused_adapter_bwd(dy, z, down_kind, down, up_kind, up, add_input, act)
+
+
+def _weight_grads(x, dy, g_z, h, down_kind, down, up_kind, up, need_down: bool, need_up: bool):
+    """Factor gradients of both projections from dW_d = xᵀ g_z and dW_u = hᵀ dy (§12.3)."""
+    d_down = factor_grads(_KIND_NAMES[down_kind], down, x.t() @ g_z) if need_down else [None] * len(down)
+    d_up = factor_grads(_KIND_NAMES[up_kind], up, h.t() @ dy) if need_up else [None] * len(up)
+    return d_down, d_up
+
+
+class _FusedAdapterFunction(torch.autograd.Function):
+    """Eager path: a plain autograd.Function (a torch.library op costs ~0.5 ms of Python per call
+    in eager mode; under torch.compile the custom ops below are used instead)."""
+
+    @staticmethod
+    def forward(ctx, x, residual, b_down, b_up, spec, *factors):
+        add_input, down_kind, n_down, up_kind, act, backend = spec
+        down, up = list(factors[:n_down]), list(factors[n_down:])
+        pdk, pdown, puk, pup = _prepare(down_kind, down, up_kind, up, backend)
+        y, z = _forward_kernels(x, residual, add_input, pdk, pdown, b_down, puk, pup, b_up, act, backend)
+        ctx.save_for_backward(x, z, *factors, *pdown, *pup)
+        ctx.spec, ctx.prepared = spec, (pdk, len(pdown), puk)
+        ctx.has_residual, ctx.bias_dtypes = residual is not None, (b_down.dtype, b_up.dtype)
+        ctx.mark_non_differentiable(z)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        add_input, down_kind, n_down, up_kind, act, backend = ctx.spec
+        pdk, n_pdown, puk = ctx.prepared
+        x, z, *rest = ctx.saved_tensors
+        n_factors = len(ctx.needs_input_grad) - 5
+        factors, prepared = rest[:n_factors], rest[n_factors:]
+        down, up = factors[:n_down], factors[n_down:]
+        dy = dy.contiguous()
+        dx, g_z, h, db_up, db_down = _backward_kernels(
+            dy, z, pdk, list(prepared[:n_pdown]), puk, list(prepared[n_pdown:]), add_input, act, backend)
+        need = ctx.needs_input_grad[5:]
+        d_down, d_up = _weight_grads(x, dy, g_z, h, down_kind, down, up_kind, up,
+                                     any(need[:n_down]), any(need[n_down:]))
+        return (dx, dy if ctx.has_residual else None, db_down.to(ctx.bias_dtypes[0]), db_up.to(ctx.bias_dtypes[1]),
+                None, *d_down, *d_up)
+
+
+# ---------------------------------------------------------------------------------------------
+# custom ops (what torch.compile traces)
+
 @torch.library.custom_op("kadapt::fused_adapter", mutates_args=())
 def _fused_adapter_op(x: torch.Tensor, residual: Optional[torch.Tensor], add_input: bool,
                       w_down: list[torch.Tensor], down_kind: int, b_down: torch.Tensor,
                       w_up: list[torch.Tensor], up_kind: int, b_up: torch.Tensor,
                       act: int, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(y, z) for 2-D contiguous x (T, D); z is the fp32 pre-activation (T, m)."""
-    if backend == "cuda":
-        return torch.ops.kadapt.fused_adapter_fwd(
-            x, residual, add_input, _dense_for_cuda(down_kind, w_down), b_down,
-            _dense_for_cuda(up_kind, w_up), b_up, act)
-    from kadapt.ops.triton import fused_adapter as kernels
-
-    return kernels.fused_adapter_fwd(x, residual, add_input, down_kind, w_down, b_down, up_kind, w_up, b_up, act)
+    pdk, pdown, puk, pup = _prepare(down_kind, list(w_down), up_kind, list(w_up), backend)
+    return _forward_kernels(x, residual, add_input, pdk, pdown, b_down, puk, pup, b_up, act, backend)
 
 
 @_fused_adapter_op.register_fake
@@ -83,22 +166,18 @@ def _(x, residual, add_input, w_down, down_kind, b_down, w_up, up_kind, b_up, ac
 
 @torch.library.custom_op("kadapt::fused_adapter_backward", mutates_args=())
 def _fused_adapter_backward_op(dy: torch.Tensor, z: torch.Tensor, w_down: list[torch.Tensor], down_kind: int,
-                               w_up: list[torch.Tensor], up_kind: int, add_input: bool, act: int,
-                               backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dx, g_z, h, db_up): dx = (dy W_uᵀ ⊙ φ'(z)) W_dᵀ (+ dy), g_z and h = φ(z) in dy's dtype,
-    db_up = Σ_t dy_t in fp32."""
-    if backend == "cuda":
-        return torch.ops.kadapt.fused_adapter_bwd(
-            dy, z, _dense_for_cuda(down_kind, w_down), _dense_for_cuda(up_kind, w_up), add_input, act)
-    from kadapt.ops.triton import fused_adapter as kernels
-
-    return kernels.fused_adapter_bwd(dy, z, down_kind, w_down, up_kind, w_up, add_input, act)
+                               w_up: list[torch.Tensor], up_kind: int, add_input: bool, act: int, backend: str
+                               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, g_z, h, db_up, db_down): dx = (dy W_uᵀ ⊙ φ'(z)) W_dᵀ (+ dy), g_z and h = φ(z) in dy's
+    dtype, the bias gradients in fp32. Factored weights are rebuilt (W is never saved)."""
+    pdk, pdown, puk, pup = _prepare(down_kind, list(w_down), up_kind, list(w_up), backend)
+    return _backward_kernels(dy, z, pdk, pdown, puk, pup, add_input, act, backend)
 
 
 @_fused_adapter_backward_op.register_fake
 def _(dy, z, w_down, down_kind, w_up, up_kind, add_input, act, backend):
     return (torch.empty_like(dy), dy.new_empty(z.shape), dy.new_empty(z.shape),
-            dy.new_empty((dy.shape[1],), dtype=torch.float32))
+            dy.new_empty((dy.shape[1],), dtype=torch.float32), dy.new_empty((z.shape[1],), dtype=torch.float32))
 
 
 def _setup_context(ctx, inputs, output):
@@ -114,12 +193,10 @@ def _backward(ctx, dy, _dz):
     w_down, w_up = ws[:ctx.n_down], ws[ctx.n_down:]
     down_kind, up_kind, add_input, has_residual, act, backend, bd_dtype, bu_dtype = ctx.meta
     dy = dy.contiguous()
-    dx, g_z, h, db_up = torch.ops.kadapt.fused_adapter_backward(
+    dx, g_z, h, db_up, db_down = torch.ops.kadapt.fused_adapter_backward(
         dy, z, list(w_down), down_kind, list(w_up), up_kind, add_input, act, backend)
-    d_down = factor_grads(_KIND_NAMES[down_kind], w_down, x.t() @ g_z)
-    d_up = factor_grads(_KIND_NAMES[up_kind], w_up, h.t() @ dy)
-    db_down = g_z.sum(0, dtype=torch.float32).to(bd_dtype)
-    return (dx, dy if has_residual else None, None, d_down, None, db_down, d_up, None,
+    d_down, d_up = _weight_grads(x, dy, g_z, h, down_kind, w_down, up_kind, w_up, True, True)
+    return (dx, dy if has_residual else None, None, d_down, None, db_down.to(bd_dtype), d_up, None,
             db_up.to(bu_dtype), None, None)
 
 
@@ -187,8 +264,13 @@ def fused_adapter(x: torch.Tensor, w_down: torch.Tensor | AdapterWeight, b_down:
     shape = x.shape
     x2 = x.reshape(-1, shape[-1]).contiguous()
     r2 = None if residual is None else residual.reshape(-1, shape[-1]).contiguous()
-    y, _ = torch.ops.kadapt.fused_adapter(
-        x2, r2, add_input, [t.contiguous() for t in wd.tensors], WEIGHT_KINDS[wd.kind], b_down.contiguous(),
-        [t.contiguous() for t in wu.tensors], WEIGHT_KINDS[wu.kind], b_up.contiguous(),
-        ACTIVATION_CODES[act], backend)
+    down = [t.contiguous() for t in wd.tensors]
+    up = [t.contiguous() for t in wu.tensors]
+    dk, uk, code = WEIGHT_KINDS[wd.kind], WEIGHT_KINDS[wu.kind], ACTIVATION_CODES[act]
+    if torch.compiler.is_compiling():
+        y, _ = torch.ops.kadapt.fused_adapter(x2, r2, add_input, down, dk, b_down.contiguous(), up, uk,
+                                              b_up.contiguous(), code, backend)
+    else:
+        y = _FusedAdapterFunction.apply(x2, r2, b_down.contiguous(), b_up.contiguous(),
+                                        (add_input, dk, len(down), uk, code, backend), *down, *up)
     return y.reshape(shape)

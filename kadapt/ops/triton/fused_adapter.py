@@ -24,9 +24,9 @@ import triton.language as tl
 
 KINDS = {"dense": 0, "phm": 1, "compacter": 2, "lowrank": 3}
 
-_SQRT_2_OVER_PI = 0.7978845608028654
-_INV_SQRT2 = 0.7071067811865476
-_INV_SQRT_2PI = 0.3989422804014327
+# Constants are literals inside the kernels (compiled Triton rejects plain float globals and the
+# interpreter mishandles constexpr ones): √(2/π) = 0.7978845608028654, 1/√2 = 0.7071067811865476,
+# 1/√(2π) = 0.3989422804014327.
 
 
 @triton.jit
@@ -38,9 +38,9 @@ def _tanh(u):
 def _act(z, ACT: tl.constexpr):
     """φ(z) in fp32: 0 gelu_tanh, 1 gelu (erf), 2 relu, 3 swish."""
     if ACT == 0:
-        out = 0.5 * z * (1.0 + _tanh(_SQRT_2_OVER_PI * (z + 0.044715 * z * z * z)))
+        out = 0.5 * z * (1.0 + _tanh(0.7978845608028654 * (z + 0.044715 * z * z * z)))
     elif ACT == 1:
-        out = 0.5 * z * (1.0 + tl.math.erf(z * _INV_SQRT2))
+        out = 0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476))
     elif ACT == 2:
         out = tl.maximum(z, 0.0)
     else:
@@ -52,10 +52,10 @@ def _act(z, ACT: tl.constexpr):
 def _dact(z, ACT: tl.constexpr):
     """φ'(z) in fp32 (METHODS.md §12.4)."""
     if ACT == 0:
-        th = _tanh(_SQRT_2_OVER_PI * (z + 0.044715 * z * z * z))
-        out = 0.5 * (1.0 + th) + 0.5 * z * (1.0 - th * th) * _SQRT_2_OVER_PI * (1.0 + 0.134145 * z * z)
+        th = _tanh(0.7978845608028654 * (z + 0.044715 * z * z * z))
+        out = 0.5 * (1.0 + th) + 0.5 * z * (1.0 - th * th) * 0.7978845608028654 * (1.0 + 0.134145 * z * z)
     elif ACT == 1:
-        out = 0.5 * (1.0 + tl.math.erf(z * _INV_SQRT2)) + z * tl.exp(-0.5 * z * z) * _INV_SQRT_2PI
+        out = 0.5 * (1.0 + tl.math.erf(z * 0.7071067811865476)) + z * tl.exp(-0.5 * z * z) * 0.3989422804014327
     elif ACT == 2:
         out = tl.where(z > 0.0, 1.0, 0.0)
     else:
@@ -144,14 +144,15 @@ def _fused_adapter_fwd_kernel(
 
 @triton.jit
 def _fused_adapter_bwd_kernel(
-        dy_ptr, z_ptr, dx_ptr, gz_ptr, h_ptr, dbu_part_ptr,
+        dy_ptr, z_ptr, dx_ptr, gz_ptr, h_ptr, dbu_ptr, dbd_ptr,
         d0, d1, d2, u0, u1, u2,
         T, D, M, DN, DR, UN, UR,
         ADD_INPUT: tl.constexpr, ACT: tl.constexpr,
         DKIND: tl.constexpr, UKIND: tl.constexpr, PREC: tl.constexpr,
         BT: tl.constexpr, BK: tl.constexpr, BM: tl.constexpr):
     """One program per BT tokens: g_h = dy W_uᵀ, g_z = g_h ⊙ φ'(z), dx = g_z W_dᵀ (+ dy); also
-    h = φ(z), g_z (for the weight-gradient GEMMs) and this program's column sums of dy (db_u)."""
+    h = φ(z) and g_z (for the weight-gradient GEMMs); the column sums of dy (db_u) and of g_z
+    (db_d) are added atomically into zeroed fp32 buffers."""
     dtype = dy_ptr.dtype.element_ty
     pid = tl.program_id(0)
     rows = pid.to(tl.int64) * BT + tl.arange(0, BT)
@@ -165,12 +166,13 @@ def _fused_adapter_bwd_kernel(
         dyt = tl.load(dy_ptr + rows[:, None] * D + ns[None, :], mask=rmask[:, None] & nmask[None, :], other=0.0)
         wu = _weight_tile(u0, u1, u2, cm, ns, M, D, UN, UR, UKIND, BM, BK)
         g_h = tl.dot(dyt, tl.trans(wu.to(dtype)), g_h, input_precision=PREC)
-        tl.store(dbu_part_ptr + pid.to(tl.int64) * D + ns, tl.sum(dyt.to(tl.float32), axis=0), mask=nmask)
+        tl.atomic_add(dbu_ptr + ns, tl.sum(dyt.to(tl.float32), axis=0), mask=nmask)
     zmask = rmask[:, None] & mmask[None, :]
     zoff = rows[:, None] * M + cm[None, :]
     z = tl.load(z_ptr + zoff, mask=zmask, other=0.0)
     g_z = tl.where(zmask, g_h * _dact(z, ACT), 0.0).to(dtype)
     tl.store(gz_ptr + zoff, g_z, mask=zmask)
+    tl.atomic_add(dbd_ptr + cm, tl.sum(g_z.to(tl.float32), axis=0), mask=mmask)
     tl.store(h_ptr + zoff, _act(z, ACT).to(dtype), mask=zmask)
     for k0 in range(0, D, BK):
         ks = k0 + tl.arange(0, BK)
@@ -185,13 +187,27 @@ def _fused_adapter_bwd_kernel(
 
 
 @triton.jit
-def _kron_weight_kernel(p0, p1, p2, w_ptr, IN, OUT, N, R,
-                        KIND: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
-    rows = tl.program_id(0) * BR + tl.arange(0, BR)
-    cols = tl.program_id(1) * BC + tl.arange(0, BC)
+def _store_weight_tile(p0, p1, p2, w_ptr, tile_id, IN, OUT, N, R,
+                       KIND: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
+    col_tiles = tl.cdiv(OUT, BC)
+    rows = (tile_id // col_tiles) * BR + tl.arange(0, BR)
+    cols = (tile_id % col_tiles) * BC + tl.arange(0, BC)
     tile = _weight_tile(p0, p1, p2, rows, cols, IN, OUT, N, R, KIND, BR, BC)
     mask = (rows < IN)[:, None] & (cols < OUT)[None, :]
     tl.store(w_ptr + rows[:, None] * OUT + cols[None, :], tile.to(w_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _kron_weight_kernel(p0, p1, p2, w_ptr, IN, OUT, N, R, q0, q1, q2, v_ptr, IN2, OUT2, N2, R2, TILES,
+                        KIND: tl.constexpr, KIND2: tl.constexpr, TWO: tl.constexpr,
+                        BR: tl.constexpr, BC: tl.constexpr):
+    """Materialise W (and, with TWO, a second weight V) in one launch: programs [0, TILES) build
+    the tiles of W, the rest those of V."""
+    pid = tl.program_id(0)
+    if pid < TILES:
+        _store_weight_tile(p0, p1, p2, w_ptr, pid, IN, OUT, N, R, KIND, BR, BC)
+    elif TWO:
+        _store_weight_tile(q0, q1, q2, v_ptr, pid - TILES, IN2, OUT2, N2, R2, KIND2, BR, BC)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -221,7 +237,7 @@ def _tiles(m: int) -> tuple[int, int, int, int]:
     """(BT, BK, BM, num_warps) for bottleneck m."""
     bm = max(16, triton.next_power_of_2(m))
     if bm <= 64:
-        return 64, 64, bm, 4
+        return 32, 128, bm, 4  # best of a BT×BK×warps sweep on an H100 (T=8192, D=1024, m=64, bf16)
     if bm <= 128:
         return 64, 64, bm, 8
     return 64, 32, bm, 8
@@ -259,36 +275,51 @@ def fused_adapter_fwd(x: torch.Tensor, residual: torch.Tensor | None, add_input:
 def fused_adapter_bwd(dy: torch.Tensor, z: torch.Tensor, down_kind: int, down: list[torch.Tensor],
                       up_kind: int, up: list[torch.Tensor], add_input: bool,
                       act: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dx, g_z, h, db_up) for 2-D contiguous dy (T, D) and the saved fp32 z (T, m)."""
+    """(dx, g_z, h, db_up, db_down) for 2-D contiguous dy (T, D) and the saved fp32 z (T, m);
+    the bias gradients are fp32."""
     T, D = dy.shape
     m = z.shape[1]
     dx = _empty(dy.shape, device=dy.device, dtype=dy.dtype)
     g_z = _empty((T, m), device=dy.device, dtype=dy.dtype)
     h = _empty((T, m), device=dy.device, dtype=dy.dtype)
+    db_up = torch.zeros(D, device=dy.device, dtype=torch.float32)
+    db_down = torch.zeros(m, device=dy.device, dtype=torch.float32)
     if T == 0:
-        return dx, g_z, h, torch.zeros(D, device=dy.device, dtype=torch.float32)
+        return dx, g_z, h, db_up, db_down
     bt, bk, bm, warps = _tiles(m)
     grid = triton.cdiv(T, bt)
-    partial = _empty((grid, D), device=dy.device, dtype=torch.float32)
     d0, d1, d2, dn, dr = _factor_args(down_kind, down)
     u0, u1, u2, un, ur = _factor_args(up_kind, up)
     _fused_adapter_bwd_kernel[(grid,)](
-        dy, z, dx, g_z, h, partial,
+        dy, z, dx, g_z, h, db_up, db_down,
         d0, d1, d2, u0, u1, u2,
         T, D, m, dn, dr, un, ur,
         ADD_INPUT=add_input, ACT=act, DKIND=down_kind, UKIND=up_kind, PREC=_prec(dy),
         BT=bt, BK=bk, BM=bm, num_warps=warps)
-    return dx, g_z, h, partial.sum(0)
+    return dx, g_z, h, db_up, db_down
+
+
+def kron_weights(weights: list[tuple[int, list[torch.Tensor], int, int]],
+                 dtype: torch.dtype) -> list[torch.Tensor]:
+    """Materialise one or two factored weights, each given as (kind, tensors, in, out), in one
+    launch; returns the (in, out) matrices in ``dtype``."""
+    out, args = [], []
+    br, bc = 32, 32
+    for kind, tensors, d_in, d_out in weights:
+        w = _empty((d_in, d_out), device=tensors[-1].device, dtype=dtype)
+        p0, p1, p2, n, r = _factor_args(kind, tensors)
+        out.append(w)
+        args.append(((p0, p1, p2, w, d_in, d_out, n, r), kind, triton.cdiv(d_in, br) * triton.cdiv(d_out, bc)))
+    two = len(args) == 2
+    first, kind, tiles = args[0]
+    second, kind2, tiles2 = args[1] if two else (first, kind, 0)
+    if tiles + tiles2 > 0:
+        _kron_weight_kernel[(tiles + tiles2,)](*first, *second, tiles,
+                                               KIND=kind, KIND2=kind2, TWO=two, BR=br, BC=bc)
+    return out
 
 
 def kron_weight(kind: int, tensors: list[torch.Tensor], in_features: int, out_features: int,
                 dtype: torch.dtype) -> torch.Tensor:
     """Materialise W (in, out) of a factored weight in one launch."""
-    w = _empty((in_features, out_features), device=tensors[-1].device, dtype=dtype)
-    if w.numel() == 0:
-        return w
-    p0, p1, p2, n, r = _factor_args(kind, tensors)
-    br, bc = 32, 32
-    _kron_weight_kernel[(triton.cdiv(in_features, br), triton.cdiv(out_features, bc))](
-        p0, p1, p2, w, in_features, out_features, n, r, KIND=kind, BR=br, BC=bc)
-    return w
+    return kron_weights([(kind, tensors, in_features, out_features)], dtype)[0]
