@@ -1,16 +1,18 @@
-"""The bottleneck-adapter op: reference math, the fused op's backward formula, backend dispatch."""
+"""The fused adapter op: reference math, the CUDA path's autograd glue, backend dispatch.
+(Fused-vs-reference sweeps of every backend are in test_fused_adapter.py.)"""
 import importlib
 import math
+import types
 
 import pytest
 import torch
 from transformers.activations import NewGELUActivation
 
 import kadapt
-from kadapt.ops import bottleneck_adapter, bottleneck_adapter_reference
+from kadapt.ops import AdapterWeight, bottleneck_adapter, bottleneck_adapter_reference, fused_adapter, fused_adapter_reference
 from kadapt.ops.activations import ACTIVATION_CODES, activation
 
-op_module = importlib.import_module("kadapt.ops.bottleneck_adapter")  # the module, not the function
+op_module = importlib.import_module("kadapt.ops.fused_adapter")  # the module, not the function
 ACTS = ["gelu_new", "gelu", "relu", "swish"]
 
 
@@ -47,44 +49,70 @@ def test_reference_is_the_adapter_formula(act):
     torch.testing.assert_close(bottleneck_adapter_reference(x, wd, bd, wu, bu, act, residual=x), x + a)
 
 
-def _fake_kernel(x, residual, w_down, b_down, w_up, b_up, code):
-    """Stands in for the CUDA kernel on the CPU: (y, fp32-or-wider z), as the kernel returns them."""
-    act = {v: k for k, v in ACTIVATION_CODES.items() if k != "gelu_tanh"}[code]
-    z = x @ w_down + b_down
-    y = activation(act, z) @ w_up + b_up
-    return (y if residual is None else residual + y), z.to(torch.promote_types(z.dtype, torch.float32))
+def _cuda_stand_in(monkeypatch):
+    """Replace the CUDA kernels by their math so the CUDA path's Python glue (dense weights, bias
+    and factor gradients) runs on the CPU."""
+    fa = importlib.import_module("kadapt.ops.fused_adapter")
+
+    def fwd(x, residual, add_input, wd, bd, wu, bu, code):
+        act = {v: k for k, v in ACTIVATION_CODES.items() if k != "gelu_tanh"}[code]
+        z = (x @ wd + bd).to(torch.promote_types(x.dtype, torch.float32))
+        y = activation(act, z).to(x.dtype) @ wu + bu + (x if add_input else 0)
+        return (y if residual is None else y + residual), z
+
+    def bwd(dy, z, wd, wu, add_input, code):
+        act = {v: k for k, v in ACTIVATION_CODES.items() if k != "gelu_tanh"}[code]
+        zz = z.detach().requires_grad_(True)
+        with torch.enable_grad():
+            h = activation(act, zz)
+        (g_z,) = torch.autograd.grad(h, zz, dy @ wu.t())
+        dx = g_z @ wd.t() + (dy if add_input else 0)
+        return dx, g_z.to(dy.dtype), h.detach().to(dy.dtype), dy.sum(0)
+
+    def kron(rule, b, t):
+        return AdapterWeight.phm(rule, b).materialize() if t is None else AdapterWeight.compacter(rule, b, t).materialize()
+
+    ops = types.SimpleNamespace(fused_adapter_fwd=fwd, fused_adapter_bwd=bwd, kron_weight=kron)
+    monkeypatch.setattr(fa.torch, "ops", types.SimpleNamespace(kadapt=ops), raising=True)
+    monkeypatch.setattr(fa.backends, "cuda_reason", lambda x: None)
+    monkeypatch.setattr(fa, "_DTYPES", fa._DTYPES + (torch.float64,))  # fp64 makes the comparison exact
 
 
-@pytest.mark.parametrize("act", ACTS)
-@pytest.mark.parametrize("with_residual", [True, False])
-@pytest.mark.parametrize("shape", [(1, 7, 3), (37, 24, 5), (2, 3, 50)])  # (T, D, m), not block multiples
-def test_fused_backward_formula_matches_autograd(monkeypatch, act, with_residual, shape):
-    """The CUDA op's hand-written backward, checked on the CPU with the kernel replaced by its math."""
-    monkeypatch.setattr(op_module, "_fused_forward", _fake_kernel)
-    t, d, m = shape
-    x, wd, bd, wu, bu = _inputs(t, d, m, seed=t + d + m)
-    res = torch.randn(t, d, dtype=torch.float64) if with_residual else None
-    leaves = [x, wd, bd, wu, bu] + ([res] if with_residual else [])
-    for p in leaves:
-        p.requires_grad_(True)
-    gy = torch.randn(t, d, dtype=torch.float64)
+def _weights(kind, d, m, g):
+    mk = lambda *s: (torch.randn(*s, generator=g, dtype=torch.float64) * 0.3).requires_grad_(True)  # noqa: E731
+    n = 2
+    if kind == "dense":
+        return AdapterWeight.dense(mk(d, m))
+    if kind == "lowrank":
+        return AdapterWeight.lowrank(mk(d, 2), mk(2, m))
+    if kind == "phm":
+        return AdapterWeight.phm(mk(n, n, n), mk(n, d // n, m // n))
+    return AdapterWeight.compacter(mk(n, n, n), mk(n, d // n, 3), mk(n, 3, m // n))
 
-    y_ref = bottleneck_adapter_reference(x, wd, bd, wu, bu, act, res)
+
+@pytest.mark.parametrize("kind", ["dense", "lowrank", "phm", "compacter"])
+@pytest.mark.parametrize("add_input,with_residual", [(True, False), (False, True), (False, False)])
+def test_cuda_path_glue_matches_reference(monkeypatch, kind, add_input, with_residual):
+    """The CUDA path's autograd (weights materialised for the kernel, weight, factor and bias
+    gradients from the kernel outputs), with the two kernels replaced by their math."""
+    g = torch.Generator().manual_seed(7)
+    t, d, m = 11, 12, 6
+    x = torch.randn(t, d, generator=g, dtype=torch.float64).requires_grad_(True)
+    res = torch.randn(t, d, generator=g, dtype=torch.float64).requires_grad_(True) if with_residual else None
+    wd, wu = _weights(kind, d, m, g), _weights(kind, m, d, g)
+    bd = torch.randn(m, generator=g, dtype=torch.float64).requires_grad_(True)
+    bu = torch.randn(d, generator=g, dtype=torch.float64).requires_grad_(True)
+    leaves = [x, bd, bu, *wd.tensors, *wu.tensors] + ([res] if with_residual else [])
+    gy = torch.randn(t, d, generator=g, dtype=torch.float64)
+    y_ref = fused_adapter_reference(x, wd, bd, wu, bu, "gelu_new", res, add_input)
     g_ref = torch.autograd.grad(y_ref, leaves, gy)
-    y = op_module._CudaBottleneckAdapter.apply(x, wd, bd, wu, bu, act, res)
-    g = torch.autograd.grad(y, leaves, gy)
+    _cuda_stand_in(monkeypatch)
+    kadapt.set_backend("cuda")
+    y = fused_adapter(x, wd, bd, wu, bu, "gelu_new", res, add_input)
+    grads = torch.autograd.grad(y, leaves, gy)
     torch.testing.assert_close(y, y_ref)
-    for a, b in zip(g, g_ref):
+    for a, b in zip(grads, g_ref):
         torch.testing.assert_close(a, b)
-
-
-def test_fused_backward_handles_leading_dims(monkeypatch):
-    monkeypatch.setattr(op_module, "_fused_forward", _fake_kernel)
-    x, wd, bd, wu, bu = _inputs(12, 8, 4)
-    x = x.view(3, 4, 8).requires_grad_(True)
-    y = op_module._CudaBottleneckAdapter.apply(x, wd, bd, wu, bu, "relu", x)
-    (gx,) = torch.autograd.grad(y.sum(), x)
-    assert y.shape == gx.shape == (3, 4, 8)
 
 
 def test_backend_selection_and_refusals(monkeypatch):
@@ -94,9 +122,8 @@ def test_backend_selection_and_refusals(monkeypatch):
     kadapt.set_backend("reference")
     assert kadapt.get_backend() == "reference"
     assert torch.equal(bottleneck_adapter(x, wd, bd, wu, bu, "gelu_new", x), ref)
-    kadapt.set_backend("triton")
-    with pytest.raises(RuntimeError, match="triton"):
-        bottleneck_adapter(x, wd, bd, wu, bu, "gelu_new", x)
+    kadapt.set_backend("triton")  # the interpreter on CPU tensors (tests/conftest.py sets TRITON_INTERPRET=1)
+    torch.testing.assert_close(bottleneck_adapter(x, wd, bd, wu, bu, "gelu_new", x), ref)
     kadapt.set_backend("cuda")
     with pytest.raises(RuntimeError, match="'cuda' is forced.*CUDA tensors"):
         bottleneck_adapter(x, wd, bd, wu, bu, "gelu_new", x)

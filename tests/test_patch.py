@@ -236,7 +236,7 @@ def test_debug_log_names_the_backend(caplog):
     kadapt.patch(model, kadapt.AdapterConfig(bottleneck_dim=8))
     with caplog.at_level("DEBUG", logger="kadapt"):
         output(model, "gpt2")
-    assert "bottleneck_adapter: reference backend" in caplog.text
+    assert "fused_adapter: reference backend" in caplog.text
 
 
 def _variants():

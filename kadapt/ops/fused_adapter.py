@@ -99,7 +99,7 @@ def _backward_kernels(dy, z, down_kind, down, up_kind, up, add_input, act, backe
     """(dx, g_z, h, db_up, db_down) from prepared weights; bias gradients in fp32."""
     if backend == "cuda":
         dx, g_z, h, db_up = torch.ops.kadapt.fused_adapter_bwd(dy, z, down[0], up[0], add_input, act)
-        return dx, g_z, h, db_up, g_z.sum(0, dtype=torch.float32)
+        return dx, g_z, h, db_up, g_z.sum(0, dtype=torch.promote_types(g_z.dtype, torch.float32))
     from kadapt.ops.triton import fused_adapter as kernels
 
     return kernels.fused_adapter_bwd(dy, z, down_kind, down, up_kind, up, add_input, act)
