@@ -13,6 +13,9 @@ instead of a D×m matrix. Weight kinds (the ``KIND`` constexpr):
 Block convention: W[(c,κ),(a,p)] = Σ_i A_i[c,a] B_i[κ,p]. Accumulation is fp32 throughout; tiles
 are cast to the compute dtype right before ``tl.dot`` (tensor cores on the GPU).
 
+The activation, residual and add-input switches are runtime arguments (uniform branches cost
+nothing): only weight kinds, tile sizes and the dtype make new compilations.
+
 The host functions take 2-D row-major (T, D) activations (the op layer flattens and makes them
 contiguous) and contiguous factors.
 """
@@ -35,7 +38,7 @@ def _tanh(u):
 
 
 @triton.jit
-def _act(z, ACT: tl.constexpr):
+def _act(z, ACT):
     """φ(z) in fp32: 0 gelu_tanh, 1 gelu (erf), 2 relu, 3 swish."""
     if ACT == 0:
         out = 0.5 * z * (1.0 + _tanh(0.7978845608028654 * (z + 0.044715 * z * z * z)))
@@ -49,7 +52,7 @@ def _act(z, ACT: tl.constexpr):
 
 
 @triton.jit
-def _dact(z, ACT: tl.constexpr):
+def _dact(z, ACT):
     """φ'(z) in fp32 (METHODS.md §12.4)."""
     if ACT == 0:
         th = _tanh(0.7978845608028654 * (z + 0.044715 * z * z * z))
@@ -106,7 +109,7 @@ def _fused_adapter_fwd_kernel(
         x_ptr, res_ptr, y_ptr, z_ptr,
         d0, d1, d2, bd_ptr, u0, u1, u2, bu_ptr,
         T, D, M, DN, DR, UN, UR,
-        HAS_RES: tl.constexpr, ADD_INPUT: tl.constexpr, ACT: tl.constexpr,
+        HAS_RES, ADD_INPUT, ACT,
         DKIND: tl.constexpr, UKIND: tl.constexpr, PREC: tl.constexpr,
         BT: tl.constexpr, BK: tl.constexpr, BM: tl.constexpr):
     """One program per BT tokens: z = x W_d + b_d (fp32, stored), h = φ(z) kept in registers,
@@ -147,7 +150,7 @@ def _fused_adapter_bwd_kernel(
         dy_ptr, z_ptr, dx_ptr, gz_ptr, h_ptr, dbu_ptr, dbd_ptr,
         d0, d1, d2, u0, u1, u2,
         T, D, M, DN, DR, UN, UR,
-        ADD_INPUT: tl.constexpr, ACT: tl.constexpr,
+        ADD_INPUT, ACT,
         DKIND: tl.constexpr, UKIND: tl.constexpr, PREC: tl.constexpr,
         BT: tl.constexpr, BK: tl.constexpr, BM: tl.constexpr):
     """One program per BT tokens: g_h = dy W_uᵀ, g_z = g_h ⊙ φ'(z), dx = g_z W_dᵀ (+ dy); also
@@ -266,7 +269,7 @@ def fused_adapter_fwd(x: torch.Tensor, residual: torch.Tensor | None, add_input:
         x, residual if residual is not None else x, y, z,
         d0, d1, d2, b_down, u0, u1, u2, b_up,
         T, D, m, dn, dr, un, ur,
-        HAS_RES=residual is not None, ADD_INPUT=add_input, ACT=act,
+        HAS_RES=int(residual is not None), ADD_INPUT=int(add_input), ACT=act,
         DKIND=down_kind, UKIND=up_kind, PREC=_prec(x),
         BT=bt, BK=bk, BM=bm, num_warps=warps)
     return y, z
@@ -294,7 +297,7 @@ def fused_adapter_bwd(dy: torch.Tensor, z: torch.Tensor, down_kind: int, down: l
         dy, z, dx, g_z, h, db_up, db_down,
         d0, d1, d2, u0, u1, u2,
         T, D, m, dn, dr, un, ur,
-        ADD_INPUT=add_input, ACT=act, DKIND=down_kind, UKIND=up_kind, PREC=_prec(dy),
+        ADD_INPUT=int(add_input), ACT=act, DKIND=down_kind, UKIND=up_kind, PREC=_prec(dy),
         BT=bt, BK=bk, BM=bm, num_warps=warps)
     return dx, g_z, h, db_up, db_down
 
