@@ -1,35 +1,54 @@
 #!/usr/bin/env bash
-# Build kadapt on the GPU machine and run the GPU tests + benchmarks in one call, results in $OUT.
+# Build kadapt on the GPU machine, run the GPU tests and the benchmarks, results under $OUT.
 #
 # The GPU machine has torch/transformers/triton/nvcc but no network and may lack pytest: carry
-# pure-Python wheels in .wheels/ (made here with `pip download -d .wheels pytest pluggy iniconfig
-# packaging hypothesis sortedcontainers attrs matplotlib ...`) and pass `carry: [".wheels"]`.
+# wheels in .wheels/ (made with `pip download -d .wheels --python-version 3.12 --only-binary=:all:
+# --platform manylinux2014_x86_64 --platform any pytest hypothesis matplotlib`, numpy removed) and
+# pass `carry: [".wheels"]`.
 #
-#   device run: bash scripts/gpu_check.sh
+#   bash scripts/gpu_check.sh [stages]      stages: any of build test bench train (default: build test bench)
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ROOT="$(pwd)"
 OUT="${OUT:-/tmp/kadapt_gpu}"
 mkdir -p "$OUT"
 PY="${PYTHON:-python3}"
+STAGES="${*:-build test bench}"
 export CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}"
 export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
 export MAX_JOBS="${MAX_JOBS:-16}"
+has() { [[ " $STAGES " == *" $1 "* ]]; }
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
-if [ -d .wheels ]; then
+if [ -d .wheels ] && ! "$PY" -c "import pytest, hypothesis, matplotlib" 2>/dev/null; then
     "$PY" -m pip install -q --no-index --find-links .wheels pytest hypothesis matplotlib 2>&1 | tail -2
 fi
-start=$(date +%s)
-"$PY" -m pip install -q --no-build-isolation --no-deps . 2>&1 | tail -5 | tee "$OUT/build.txt"
-echo "build seconds: $(( $(date +%s) - start ))" | tee -a "$OUT/build.txt"
-(cd / && "$PY" -m kadapt info) | tee "$OUT/info.txt"
+if has build; then
+    start=$(date +%s)
+    "$PY" -m pip install -q --no-build-isolation --no-deps . 2>&1 | tail -5 | tee "$OUT/build.txt"
+    echo "build seconds: $(( $(date +%s) - start ))" | tee -a "$OUT/build.txt"
+    (cd / && "$PY" -m kadapt info) | tee "$OUT/info.txt"
+fi
 
-# GPU tests: the CUDA kernel vs the reference (every dtype), and the whole CPU suite on this box.
-# Run from / so that `python -m pytest` imports the installed kadapt (with _C), not the source tree.
-(cd / && KADAPT_REQUIRE_EXTENSION=1 "$PY" -m pytest -q -p no:cacheprovider "$ROOT/tests" 2>&1) \
-    | tail -30 | tee "$OUT/tests_gpu.txt"
+# GPU tests: every fused op and backend vs the reference in fp32/fp16/bf16, the CUDA kernels, the
+# patched models. Run from / so that pytest imports the installed kadapt (with _C), not the source tree.
+if has test; then
+    start=$(date +%s)
+    (cd / && KADAPT_REQUIRE_EXTENSION=1 timeout "${TEST_TIMEOUT:-330}" "$PY" -m pytest -q -p no:cacheprovider -rf \
+        "$ROOT/tests/test_cuda_kernels.py" "$ROOT/tests/test_fused_adapter.py" "$ROOT/tests/test_phm.py" \
+        "$ROOT/tests/test_ops.py" "$ROOT/tests/test_build.py" "$ROOT/tests/test_patch.py" 2>&1) \
+        | tail -40 | tee "$OUT/tests_gpu.txt"
+    echo "test seconds: $(( $(date +%s) - start ))" | tee -a "$OUT/tests_gpu.txt"
+fi
+
+# Fused adapter microbenchmark (bf16; the issue's shapes, every weight kind and provider).
+if has bench; then
+    (cd / && "$PY" "$ROOT/benchmarks/adapter.py" --device cuda --dtype bf16 --out "$OUT/results" 2>&1) \
+        | tail -80 | tee "$OUT/adapter_bench.txt"
+fi
 
 # End-to-end training step, T5-base shapes, bf16: every method vs full fine-tuning.
-"$PY" benchmarks/train_step.py --family t5 --size base --device cuda --dtype bf16 --batch 32 --seq 128 \
-    --out "$OUT" 2>&1 | tail -14 | tee "$OUT/train_step.txt"
+if has train; then
+    "$PY" benchmarks/train_step.py --family t5 --size base --device cuda --dtype bf16 --batch 32 --seq 128 \
+        --out "$OUT" 2>&1 | tail -14 | tee "$OUT/train_step.txt"
+fi
