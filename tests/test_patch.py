@@ -231,6 +231,37 @@ def test_patched_model_compiles_fullgraph(family):
     assert torch.equal(compiled(**kw).logits, eager)
 
 
+@pytest.mark.parametrize("family,config", [
+    ("gpt2", kadapt.CompacterConfig(bottleneck_dim=8)),
+    ("roberta", kadapt.AdapterConfig(bottleneck_dim=8)),
+    ("t5", kadapt.LowRankAdapterConfig(bottleneck_dim=8)),
+    ("gpt2", kadapt.PHMAdapterConfig(bottleneck_dim=8, phm_dim=4)),
+])
+def test_patched_model_compiles_fullgraph_on_the_fused_path(family, config):
+    """torch.compile(fullgraph=True) of a model on the Triton backend (the interpreter on CPU): the
+    fused custom ops trace whole and match eager, forward and every trainable gradient. Inductor
+    generates code on a GPU; on the CPU the graph is checked with the aot_eager backend."""
+    torch._dynamo.reset()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = tiny(family).float().to(device)
+    kadapt.patch(model, config)
+    kadapt.set_backend("triton")
+    try:
+        kw = {k: v.to(device) for k, v in inputs(family).items()}
+        params = [p for p in model.parameters() if p.requires_grad]
+        eager = output(model, family, **kw)
+        g_eager = torch.autograd.grad(eager.square().sum(), params)
+        compiled = torch.compile(model, fullgraph=True,
+                                 backend="inductor" if torch.cuda.is_available() else "aot_eager")
+        out = compiled(**kw).logits
+        g = torch.autograd.grad(out.square().sum(), params)
+    finally:
+        kadapt.set_backend("auto")
+    torch.testing.assert_close(out, eager)
+    for a, b in zip(g, g_eager):
+        torch.testing.assert_close(a, b)
+
+
 def test_debug_log_names_the_backend(caplog):
     model = tiny("gpt2")
     kadapt.patch(model, kadapt.AdapterConfig(bottleneck_dim=8))
