@@ -17,21 +17,36 @@
 
 namespace kadapt {
 
-// csrc/bottleneck_adapter.cu
-std::tuple<at::Tensor, at::Tensor> bottleneck_adapter_fwd_cuda(
-    const at::Tensor& x, const std::optional<at::Tensor>& residual, const at::Tensor& w_down,
-    const at::Tensor& b_down, const at::Tensor& w_up, const at::Tensor& b_up, int64_t activation);
+// csrc/fused_adapter.cu
+std::tuple<at::Tensor, at::Tensor> fused_adapter_fwd_cuda(
+    const at::Tensor& x, const std::optional<at::Tensor>& residual, bool add_input,
+    const at::Tensor& w_down, const at::Tensor& b_down, const at::Tensor& w_up,
+    const at::Tensor& b_up, int64_t activation);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_adapter_bwd_cuda(
+    const at::Tensor& dy, const at::Tensor& z, const at::Tensor& w_down, const at::Tensor& w_up,
+    bool add_input, int64_t activation);
+at::Tensor kron_weight_cuda(const at::Tensor& A, const at::Tensor& B,
+                            const std::optional<at::Tensor>& t);
 
 }  // namespace kadapt
 
 TORCH_LIBRARY(kadapt, m) {
+  // y = φ(x·W_d + b_d)·W_u + b_u [+ x] [+ residual]; z = x·W_d + b_d in fp32. x is (T, D).
   m.def(
-      "bottleneck_adapter_fwd(Tensor x, Tensor? residual, Tensor w_down, Tensor b_down, "
-      "Tensor w_up, Tensor b_up, int activation) -> (Tensor y, Tensor z)");
+      "fused_adapter_fwd(Tensor x, Tensor? residual, bool add_input, Tensor w_down, "
+      "Tensor b_down, Tensor w_up, Tensor b_up, int activation) -> (Tensor y, Tensor z)");
+  // g_z = (dy·W_uᵀ) ⊙ φ'(z); dx = g_z·W_dᵀ [+ dy]; h = φ(z); db_up = Σ_t dy_t (fp32).
+  m.def(
+      "fused_adapter_bwd(Tensor dy, Tensor z, Tensor w_down, Tensor w_up, bool add_input, "
+      "int activation) -> (Tensor dx, Tensor g_z, Tensor h, Tensor db_up)");
+  // W = Σ_i A_i ⊗ B_i (B_i = s_i·t_i when t is given), in B's dtype.
+  m.def("kron_weight(Tensor A, Tensor B, Tensor? t) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(kadapt, CUDA, m) {
-  m.impl("bottleneck_adapter_fwd", &kadapt::bottleneck_adapter_fwd_cuda);
+  m.impl("fused_adapter_fwd", &kadapt::fused_adapter_fwd_cuda);
+  m.impl("fused_adapter_bwd", &kadapt::fused_adapter_bwd_cuda);
+  m.impl("kron_weight", &kadapt::kron_weight_cuda);
 }
 
 static struct PyModuleDef kadapt_c_module = {

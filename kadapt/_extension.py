@@ -7,7 +7,6 @@ registers the ops under ``torch.ops.kadapt``) and registers the fake implementat
 from __future__ import annotations
 
 import json
-import math
 import threading
 from importlib import resources
 
@@ -17,17 +16,36 @@ _loaded = False
 _error: str | None = None
 _build_info: dict | None = None
 
-OPS = ("bottleneck_adapter_fwd",)
+OPS = ("fused_adapter_fwd", "fused_adapter_bwd", "kron_weight")
+
+# The largest bottleneck m that kadapt::fused_adapter_fwd / _bwd take (csrc/fused_adapter.cu,
+# kMaxBottleneck); larger m is refused with a RuntimeError naming this limit.
+FUSED_ADAPTER_MAX_M = 256
 
 
 def _register_fakes() -> None:
     import torch
 
-    @torch.library.register_fake("kadapt::bottleneck_adapter_fwd")
-    def _bottleneck_adapter_fwd_fake(x, residual, w_down, b_down, w_up, b_up, activation):
-        rows = math.prod(x.shape[:-1])
+    @torch.library.register_fake("kadapt::fused_adapter_fwd")
+    def _fused_adapter_fwd_fake(x, residual, add_input, w_down, b_down, w_up, b_up, activation):
+        torch._check(x.dim() == 2, lambda: f"kadapt::fused_adapter_fwd: x must be 2-D (T, D), got {tuple(x.shape)}")
+        T, D = x.shape
         m = w_down.shape[1]
-        return x.new_empty(x.shape), x.new_empty((rows, m), dtype=torch.float32)
+        return x.new_empty((T, D)), x.new_empty((T, m), dtype=torch.float32)
+
+    @torch.library.register_fake("kadapt::fused_adapter_bwd")
+    def _fused_adapter_bwd_fake(dy, z, w_down, w_up, add_input, activation):
+        torch._check(dy.dim() == 2, lambda: f"kadapt::fused_adapter_bwd: dy must be 2-D (T, D), got {tuple(dy.shape)}")
+        T, D = dy.shape
+        m = w_down.shape[1]
+        return (dy.new_empty((T, D)), dy.new_empty((T, m)), dy.new_empty((T, m)),
+                dy.new_empty((D,), dtype=torch.float32))
+
+    @torch.library.register_fake("kadapt::kron_weight")
+    def _kron_weight_fake(A, B, t):
+        n = A.shape[0]
+        out = (t.shape[2] if t is not None else B.shape[2])
+        return B.new_empty((n * B.shape[1], n * out))
 
 
 def load() -> bool:
@@ -56,7 +74,7 @@ def load() -> bool:
 
 
 def is_built() -> bool:
-    """True iff kadapt._C imports and registered torch.ops.kadapt.bottleneck_adapter_fwd."""
+    """True iff kadapt._C imports and registered every op in OPS under torch.ops.kadapt."""
     if not load():
         return False
     import torch

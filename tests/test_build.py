@@ -1,5 +1,6 @@
 """The build: kadapt._C, its op schemas and fake kernels, _build_info.json, `python -m kadapt info`,
-setup.py's CUDA decision, and (on a GPU) the CUDA kernels against the pure-PyTorch reference.
+setup.py's CUDA decision, and (on a GPU) the ops' argument checks and opcheck. The kernels' numerics are
+tested against a float64 reference in tests/test_cuda_kernels.py.
 
 Run with `.venv/bin/pytest -q tests` from the repository root (see .ci/run): that imports the
 installed package, which has kadapt._C. Set KADAPT_REQUIRE_EXTENSION=1 (CI does) to turn "the
@@ -8,7 +9,6 @@ extension was not built" from a skip into a failure.
 from __future__ import annotations
 
 import importlib.util
-import math
 import os
 import re
 import subprocess
@@ -22,9 +22,13 @@ import kadapt
 from kadapt import _extension
 
 REPO = Path(__file__).resolve().parents[1]
-SCHEMA = ("kadapt::bottleneck_adapter_fwd(Tensor x, Tensor? residual, Tensor w_down, Tensor b_down, "
-          "Tensor w_up, Tensor b_up, int activation) -> (Tensor y, Tensor z)")
-ACTIVATIONS = {0: "gelu_tanh", 1: "gelu", 2: "relu", 3: "swish"}
+SCHEMAS = {
+    "fused_adapter_fwd": "kadapt::fused_adapter_fwd(Tensor x, Tensor? residual, bool add_input, Tensor w_down, "
+                         "Tensor b_down, Tensor w_up, Tensor b_up, int activation) -> (Tensor y, Tensor z)",
+    "fused_adapter_bwd": "kadapt::fused_adapter_bwd(Tensor dy, Tensor z, Tensor w_down, Tensor w_up, bool add_input, "
+                         "int activation) -> (Tensor dx, Tensor g_z, Tensor h, Tensor db_up)",
+    "kron_weight": "kadapt::kron_weight(Tensor A, Tensor B, Tensor? t) -> Tensor",
+}
 
 
 def _require_extension():
@@ -47,12 +51,16 @@ def test_extension_imports():
     import kadapt._C  # noqa: F401
 
     assert _extension.import_error() is None
-    assert hasattr(torch.ops.kadapt, "bottleneck_adapter_fwd")
+    for op in SCHEMAS:
+        assert hasattr(torch.ops.kadapt, op), op
+    assert not hasattr(torch.ops.kadapt, "bottleneck_adapter_fwd"), "the old op must be gone"
 
 
-def test_op_schema_is_exact():
+def test_op_schemas_are_exact():
     _require_extension()
-    assert str(torch.ops.kadapt.bottleneck_adapter_fwd.default._schema) == SCHEMA
+    assert set(_extension.OPS) == set(SCHEMAS)
+    for op, schema in SCHEMAS.items():
+        assert str(getattr(torch.ops.kadapt, op).default._schema) == schema
 
 
 def test_build_info_lists_archs():
@@ -73,44 +81,75 @@ def test_build_info_without_extension_has_reason():
         assert _extension.built_archs() == []
 
 
-def _meta_args(shape, D, m, dtype, residual=True, device="meta"):
-    x = torch.empty(*shape, D, device=device, dtype=dtype)
-    return (x, torch.empty_like(x) if residual else None,
+def _fwd_args(T, D, m, dtype, residual=True, device="meta"):
+    x = torch.empty(T, D, device=device, dtype=dtype)
+    return (x, torch.empty_like(x) if residual else None, True,
             torch.empty(D, m, device=device, dtype=dtype), torch.empty(m, device=device, dtype=dtype),
             torch.empty(m, D, device=device, dtype=dtype), torch.empty(D, device=device, dtype=dtype))
 
 
+def _bwd_args(T, D, m, dtype, device="meta"):
+    return (torch.empty(T, D, device=device, dtype=dtype), torch.empty(T, m, device=device),
+            torch.empty(D, m, device=device, dtype=dtype), torch.empty(m, D, device=device, dtype=dtype),
+            True)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("shape", [(0,), (1,), (37,), (2, 3), (2, 0, 5)])
-def test_fake_impl_on_meta_tensors(shape, dtype):
+@pytest.mark.parametrize("T", [0, 1, 37])
+def test_fake_impls_on_meta_tensors(T, dtype):
     _require_extension()
     D, m = 600, 24
     for residual in (True, False):
-        y, z = torch.ops.kadapt.bottleneck_adapter_fwd(*_meta_args(shape, D, m, dtype, residual), 0)
-        assert y.device.type == "meta" and y.shape == (*shape, D) and y.dtype == dtype
-        assert z.device.type == "meta" and z.shape == (math.prod(shape), m) and z.dtype == torch.float32
+        y, z = torch.ops.kadapt.fused_adapter_fwd(*_fwd_args(T, D, m, dtype, residual), 0)
+        assert y.device.type == "meta" and y.shape == (T, D) and y.dtype == dtype
+        assert z.device.type == "meta" and z.shape == (T, m) and z.dtype == torch.float32
+    dx, g_z, h, db = torch.ops.kadapt.fused_adapter_bwd(*_bwd_args(T, D, m, dtype), 3)
+    assert dx.device.type == "meta" and dx.shape == (T, D) and dx.dtype == dtype
+    assert g_z.shape == (T, m) and g_z.dtype == dtype
+    assert h.shape == (T, m) and h.dtype == dtype
+    assert db.shape == (D,) and db.dtype == torch.float32
 
 
-def test_fake_impl_traces_symbolic_shapes():
-    """make_fx in symbolic mode runs only the fake kernel (there is no CPU kernel)."""
+@pytest.mark.parametrize("b_dtype", [torch.float32, torch.bfloat16])
+def test_kron_weight_fake_impl(b_dtype):
+    _require_extension()
+    n = 4
+    A = torch.empty(n, n, n, device="meta", dtype=torch.float32)
+    W = torch.ops.kadapt.kron_weight(A, torch.empty(n, 192, 6, device="meta", dtype=b_dtype), None)
+    assert W.device.type == "meta" and W.shape == (768, 24) and W.dtype == b_dtype
+    s = torch.empty(n, 6, 3, device="meta", dtype=b_dtype)
+    t = torch.empty(n, 3, 192, device="meta", dtype=b_dtype)
+    W = torch.ops.kadapt.kron_weight(A, s, t)
+    assert W.shape == (24, 768) and W.dtype == b_dtype
+
+
+def test_fake_impls_trace_symbolic_shapes():
+    """make_fx in symbolic mode runs only the fake kernels (there is no CPU kernel)."""
     _require_extension()
     from torch.fx.experimental.proxy_tensor import make_fx
 
-    def f(x, res, wd, bd, wu, bu):
-        return torch.ops.kadapt.bottleneck_adapter_fwd(x, res, wd, bd, wu, bu, 1)
+    def f(x, res, wd, bd, wu, bu, dy, A, s, t):
+        y, z = torch.ops.kadapt.fused_adapter_fwd(x, res, True, wd, bd, wu, bu, 1)
+        dx, g_z, h, db = torch.ops.kadapt.fused_adapter_bwd(dy, z, wd, wu, False, 1)
+        return y, dx, g_z, h, db, torch.ops.kadapt.kron_weight(A, s, t)
 
     D, m = 40, 6
-    args = [torch.randn(*s) for s in [(3, 5, D), (3, 5, D), (D, m), (m,), (m, D), (D,)]]
-    gm = make_fx(f, tracing_mode="symbolic")(*args)
-    assert "kadapt.bottleneck_adapter_fwd" in gm.code
+    shapes = [(15, D), (15, D), (D, m), (m,), (m, D), (D,), (15, D), (2, 2, 2), (2, 20, 1), (2, 1, 3)]
+    gm = make_fx(f, tracing_mode="symbolic")(*[torch.randn(*s) for s in shapes])
+    for op in SCHEMAS:
+        assert f"kadapt.{op}" in gm.code, op
 
 
 def test_cpu_tensors_raise_clear_error():
     _require_extension()
     D, m = 16, 4
-    args = [torch.randn(*s) for s in [(3, D), (3, D), (D, m), (m,), (m, D), (D,)]]
+    fwd = _fwd_args(3, D, m, torch.float32, device="cpu")
     with pytest.raises(NotImplementedError, match="CPU"):
-        torch.ops.kadapt.bottleneck_adapter_fwd(*args, 0)
+        torch.ops.kadapt.fused_adapter_fwd(*fwd, 0)
+    with pytest.raises(NotImplementedError, match="CPU"):
+        torch.ops.kadapt.fused_adapter_bwd(*_bwd_args(3, D, m, torch.float32, device="cpu"), 0)
+    with pytest.raises(NotImplementedError, match="CPU"):
+        torch.ops.kadapt.kron_weight(torch.randn(2, 2, 2), torch.randn(2, 3, 4), None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -244,100 +283,101 @@ def test_decision_real_environment(setup_mod):
 
 
 # ---------------------------------------------------------------------------------------------
-# the CUDA kernel against the reference (GPU only)
+# the ops on a GPU: argument checks and opcheck (numerics: tests/test_cuda_kernels.py)
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-TOL = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 5e-2}
 
 
-def _reference(x, residual, wd, bd, wu, bu, act):
-    """Pure PyTorch, float64 (the truth for the fp32-accumulating kernel)."""
-    f = lambda t: None if t is None else t.double()  # noqa: E731
-    x, residual, wd, bd, wu, bu = map(f, (x, residual, wd, bd, wu, bu))
-    z = x.reshape(-1, x.shape[-1]) @ wd + bd
-    a = {0: lambda v: torch.nn.functional.gelu(v, approximate="tanh"),
-         1: torch.nn.functional.gelu, 2: torch.relu, 3: torch.nn.functional.silu}[act](z)
-    y = (a @ wu + bu).reshape(x.shape)
-    if residual is not None:
-        y = y + residual
-    return y, z
-
-
-def _inputs(T, D, m, dtype, residual, gen, lead=None):
-    dev = "cuda"
-    shape = (*lead, D) if lead else (T, D)
-    r = lambda *s, scale=1.0: (torch.randn(*s, generator=gen, device=dev) * scale).to(dtype)  # noqa: E731
-    x = r(*shape)
-    return (x, r(*shape) if residual else None, r(D, m, scale=max(D, 1) ** -0.5), r(m, scale=0.5),
-            r(m, D, scale=max(m, 1) ** -0.5), r(D, scale=0.5))
-
-
-def _check(args, act, dtype, label):
-    y, z = torch.ops.kadapt.bottleneck_adapter_fwd(*args, act)
-    torch.cuda.synchronize()
-    y_ref, z_ref = _reference(*args, act)
-    x = args[0]
-    assert y.shape == x.shape and y.dtype == dtype and y.device == x.device, label
-    assert z.shape == z_ref.shape and z.dtype == torch.float32, label
-    assert not torch.isnan(y).any() and not torch.isnan(z).any(), f"NaN in output ({label})"
-    if y.numel():
-        scale = max(y_ref.abs().max().item(), 1e-6)
-        err = (y.double() - y_ref).abs().max().item() / scale
-        assert err <= TOL[dtype], f"y: rel err {err:.3g} > {TOL[dtype]} ({label})"
-    if z.numel():
-        scale = max(z_ref.abs().max().item(), 1e-6)
-        err = (z.double() - z_ref).abs().max().item() / scale
-        assert err <= 1e-4, f"z: rel err {err:.3g} ({label})"  # fp32 accumulate, any input dtype
+def _cuda_fwd_args(T=9, D=64, m=8, dtype=torch.float32, seed=5):
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=gen, device="cuda").to(dtype)  # noqa: E731
+    return [r(T, D), r(T, D), True, r(D, m), r(m), r(m, D), r(D)]
 
 
 @gpu
-@pytest.mark.parametrize("residual", [True, False], ids=["residual", "no_residual"])
-@pytest.mark.parametrize("act", sorted(ACTIVATIONS), ids=list(ACTIVATIONS.values()))
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
-def test_cuda_kernel_matches_reference(dtype, act, residual):
+def test_cuda_fwd_argument_errors_name_the_argument():
     _require_extension()
-    gen = torch.Generator(device="cuda").manual_seed(1234 + act)
-    for D in (600, 768, 1024):
-        for m in (6, 24, 64, 256):
-            for T in (0, 1, 37, 513):
-                args = _inputs(T, D, m, dtype, residual, gen)
-                _check(args, act, dtype, f"{dtype} {ACTIVATIONS[act]} D={D} m={m} T={T} res={residual}")
+    fwd = torch.ops.kadapt.fused_adapter_fwd
+    x, res, add, wd, bd, wu, bu = _cuda_fwd_args()
+    with pytest.raises(RuntimeError, match="w_up has dtype"):
+        fwd(x, res, add, wd, bd, wu.half(), bu, 0)
+    with pytest.raises(RuntimeError, match="b_down is on cpu"):
+        fwd(x, res, add, wd, bd.cpu(), wu, bu, 0)
+    with pytest.raises(RuntimeError, match="residual must have the shape of x"):
+        fwd(x, res[:-1], add, wd, bd, wu, bu, 0)
+    with pytest.raises(RuntimeError, match="w_down must have shape"):
+        fwd(x, res, add, wd[:-1], bd, wu, bu, 0)
+    with pytest.raises(RuntimeError, match="b_down must have shape"):
+        fwd(x, res, add, wd, bd[:-1], wu, bu, 0)
+    with pytest.raises(RuntimeError, match="w_up must have shape"):
+        fwd(x, res, add, wd, bd, wu[:, :-1], bu, 0)
+    with pytest.raises(RuntimeError, match="b_up must have shape"):
+        fwd(x, res, add, wd, bd, wu, bu[:-1], 0)
+    with pytest.raises(RuntimeError, match="activation=9"):
+        fwd(x, res, add, wd, bd, wu, bu, 9)
+    with pytest.raises(RuntimeError, match="x must be 2-D"):
+        fwd(x[None], res[None], add, wd, bd, wu, bu, 0)
+    with pytest.raises(RuntimeError, match="x has dtype"):
+        fwd(*[a.double() if isinstance(a, torch.Tensor) else a for a in (x, res, add, wd, bd, wu, bu)], 0)
+    limit = _extension.FUSED_ADAPTER_MAX_M
+    x, res, add, wd, bd, wu, bu = _cuda_fwd_args(m=limit + 1)
+    with pytest.raises(RuntimeError, match=f"m={limit + 1} exceeds the kernel's limit of {limit}"):
+        fwd(x, res, add, wd, bd, wu, bu, 0)
 
 
 @gpu
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("D,m,lead", [(2500, 24, (3, 7)),      # several x chunks per token tile
-                                      (1500, 3000, (5,)),      # large m: one token per CTA
-                                      (33, 1, (2, 0)),         # empty leading dim
-                                      (7, 0, (4,))])           # no bottleneck at all
-def test_cuda_kernel_edge_shapes(D, m, lead, dtype):
+def test_cuda_bwd_argument_errors_name_the_argument():
     _require_extension()
-    gen = torch.Generator(device="cuda").manual_seed(7)
-    for residual in (True, False):
-        args = _inputs(None, D, m, dtype, residual, gen, lead=lead)
-        _check(args, 3, dtype, f"{dtype} D={D} m={m} lead={lead} res={residual}")
+    bwd = torch.ops.kadapt.fused_adapter_bwd
+    x, _, _, wd, _, wu, _ = _cuda_fwd_args()
+    z = torch.randn(x.shape[0], wd.shape[1], device="cuda")
+    with pytest.raises(RuntimeError, match="z must be float32"):
+        bwd(x, z.half(), wd, wu, True, 0)
+    with pytest.raises(RuntimeError, match="z must have shape"):
+        bwd(x, z[:-1], wd, wu, True, 0)
+    with pytest.raises(RuntimeError, match="w_down has dtype"):
+        bwd(x, z, wd.bfloat16(), wu, True, 0)
+    with pytest.raises(RuntimeError, match="w_up must have shape"):
+        bwd(x, z, wd, wu[:-1], True, 0)
+    with pytest.raises(RuntimeError, match="activation=-1"):
+        bwd(x, z, wd, wu, True, -1)
+    with pytest.raises(RuntimeError, match="dy must be 2-D"):
+        bwd(x[None], z, wd, wu, True, 0)
+    limit = _extension.FUSED_ADAPTER_MAX_M
+    x, _, _, wd, _, wu, _ = _cuda_fwd_args(m=limit + 1)
+    z = torch.randn(x.shape[0], limit + 1, device="cuda")
+    with pytest.raises(RuntimeError, match=f"limit of {limit}"):
+        bwd(x, z, wd, wu, True, 0)
 
 
 @gpu
-def test_cuda_kernel_non_contiguous_and_errors():
+def test_cuda_kron_argument_errors_name_the_argument():
     _require_extension()
-    gen = torch.Generator(device="cuda").manual_seed(3)
-    D, m = 96, 10
-    x, res, wd, bd, wu, bu = _inputs(50, D, m, torch.float32, True, gen)
-    xt = torch.randn(D, 50, device="cuda", generator=gen).t()  # non-contiguous view
-    _check((xt, res, wd.t().contiguous().t(), bd, wu, bu), 1, torch.float32, "non-contiguous")
-    with pytest.raises(RuntimeError, match="w_up"):
-        torch.ops.kadapt.bottleneck_adapter_fwd(x, res, wd, bd, wu.half(), bu, 0)
-    with pytest.raises(RuntimeError, match="residual"):
-        torch.ops.kadapt.bottleneck_adapter_fwd(x, res[:-1], wd, bd, wu, bu, 0)
-    with pytest.raises(RuntimeError, match="activation"):
-        torch.ops.kadapt.bottleneck_adapter_fwd(x, res, wd, bd, wu, bu, 9)
+    kron = torch.ops.kadapt.kron_weight
+    A = torch.randn(4, 4, 4, device="cuda")
+    with pytest.raises(RuntimeError, match="A must have shape"):
+        kron(A[:, :2], torch.randn(4, 6, 2, device="cuda"), None)
+    with pytest.raises(RuntimeError, match="B must have shape"):
+        kron(A, torch.randn(3, 6, 2, device="cuda"), None)
+    with pytest.raises(RuntimeError, match="t must have shape"):
+        kron(A, torch.randn(4, 6, 2, device="cuda"), torch.randn(4, 3, 5, device="cuda"))
+    with pytest.raises(RuntimeError, match="t has dtype"):
+        kron(A, torch.randn(4, 6, 2, device="cuda"), torch.randn(4, 2, 5, device="cuda").half())
 
 
 @gpu
 def test_cuda_opcheck():
     _require_extension()
-    gen = torch.Generator(device="cuda").manual_seed(5)
-    args = _inputs(9, 64, 8, torch.float32, True, gen)
-    torch.library.opcheck(torch.ops.kadapt.bottleneck_adapter_fwd.default, (*args, 0),
-                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+    utils = ("test_schema", "test_faketensor", "test_aot_dispatch_dynamic")
+    args = _cuda_fwd_args()
+    torch.library.opcheck(torch.ops.kadapt.fused_adapter_fwd.default, (*args, 0), test_utils=utils)
+    torch.library.opcheck(torch.ops.kadapt.fused_adapter_fwd.default,
+                          (args[0], None, False, *args[3:], 2), test_utils=utils)
+    dy, wd, wu = args[0], args[3], args[5]
+    z = torch.randn(dy.shape[0], wd.shape[1], device="cuda")
+    torch.library.opcheck(torch.ops.kadapt.fused_adapter_bwd.default, (dy, z, wd, wu, True, 3),
+                          test_utils=utils)
+    A = torch.randn(2, 2, 2, device="cuda", dtype=torch.bfloat16)
+    s, t = torch.randn(2, 32, 1, device="cuda"), torch.randn(2, 1, 4, device="cuda")
+    torch.library.opcheck(torch.ops.kadapt.kron_weight.default, (A, s, t), test_utils=utils)
+    torch.library.opcheck(torch.ops.kadapt.kron_weight.default, (A, s @ t, None), test_utils=utils)
