@@ -30,3 +30,40 @@ def test_train_step_benchmark_writes_csv_png_and_table(tmp_path, capsys, family)
     assert (tmp_path / f"{stem}.png").stat().st_size > 1000
     out = capsys.readouterr().out
     assert "vs full FT" in out and "1.00x" in out and len(rows) == 3
+
+
+def test_adapter_benchmark_cpu_smoke(tmp_path):
+    """benchmarks/adapter.py as a subprocess (TRITON_INTERPRET=1 must be set before Triton is imported):
+    a row with a positive time for every requested (kind, provider, mode), the PNG, nothing else written."""
+    import os
+    import subprocess
+    import sys
+
+    kinds = ["dense", "lowrank", "phm", "compacter"]
+    providers = ["reference", "peer"] + (["triton"] if importlib.util.find_spec("triton") else [])
+    out, cwd = tmp_path / "out", tmp_path / "cwd"
+    cwd.mkdir()
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    if env.get("PYTHONPATH"):  # the run starts in another directory: keep a relative PYTHONPATH valid
+        env["PYTHONPATH"] = os.pathsep.join(os.path.abspath(p) for p in env["PYTHONPATH"].split(os.pathsep) if p)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "adapter.py"), "--device", "cpu", "--dtype", "fp32", "--quick",
+         "--kinds", *kinds, "--providers", *providers, "--reps", "2", "--out", str(out)],
+        cwd=cwd, env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    with open(out / "adapter_fp32_cpu.csv") as f:
+        table = list(csv.DictReader(f))
+    assert not [r for r in table if r["timing"] == "error"], [r["note"] for r in table if r["timing"] == "error"]
+    want = {(k, p, mode) for k in kinds for p in providers for mode in ("fwd", "fwd+bwd")
+            if not (p == "peer" and k in ("dense", "lowrank"))}  # peer is the reference for those kinds
+    got = {(r["kind"], r["provider"], r["mode"]) for r in table}
+    assert got == want
+    for r in table:
+        assert r["timing"] == "eager" and float(r["us"]) > 0 and float(r["floor_us"]) > 0, r
+        assert r["check"] == "ok" and float(r["err"]) < 1e-4, r
+        assert (r["grad_err"] == "") == (r["mode"] == "fwd"), r
+    assert (out / "adapter_fp32_cpu.png").stat().st_size > 1000
+    assert sorted(p.name for p in out.iterdir()) == ["adapter_fp32_cpu.csv", "adapter_fp32_cpu.png"]
+    assert not list(cwd.iterdir())
+    assert "targets: T=8192, D=1024, m=64 is not in this sweep" in proc.stdout
+    assert "peer" in proc.stdout and "y err" in proc.stdout
