@@ -89,12 +89,13 @@ def cuda_reason(x: torch.Tensor) -> str | None:
 
 
 def resolve(op: str, x: torch.Tensor, cuda_unsupported: str | None = None,
-            triton_unsupported: str | None = None) -> str:
+            triton_unsupported: str | None = None, order: tuple[str, ...] = ("cuda", "triton")) -> str:
     """The backend that runs ``op`` on x: "reference", "triton" or "cuda".
 
     ``*_unsupported`` say why a kernel cannot take these inputs (dtype, shape), or None. A forced
-    backend that cannot run raises RuntimeError naming the reason; ``auto`` goes down the list
-    cuda → triton → reference and never changes the function computed.
+    backend that cannot run raises RuntimeError naming the reason; ``auto`` goes down ``order``
+    (the op's fused backends, fastest measured first), then the reference, and never changes the
+    function computed.
     """
     backend = get_backend()
     if backend == "reference":
@@ -109,7 +110,7 @@ def resolve(op: str, x: torch.Tensor, cuda_unsupported: str | None = None,
             raise RuntimeError(f"backend {backend!r} is forced but cannot run {op}: {reasons[backend]}; "
                                f"use kadapt.set_backend('auto') or 'reference'")
         return backend
-    for name in ("cuda", "triton"):
+    for name in order:
         if reasons[name] is None:
             return name
     return "reference"

@@ -105,6 +105,27 @@ def _weight_tile(p0, p1, p2, rows, cols, IN, OUT, N, R,
 
 
 @triton.jit
+def _weight_tile_t(p0, p1, p2, rows, cols, IN, OUT, N, R,
+                   KIND: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
+    """W[rows, cols]ᵀ as a (BC, BR) fp32 tile, loaded transposed (no register transpose) for the
+    dense and low-rank kinds."""
+    rmask = rows < IN
+    cmask = cols < OUT
+    if KIND == 0:
+        tile = tl.load(p0 + cols[:, None] + rows[None, :] * OUT, mask=cmask[:, None] & rmask[None, :],
+                       other=0.0).to(tl.float32)
+    elif KIND == 3:
+        tile = tl.zeros((BC, BR), tl.float32)
+        for rho in range(R):
+            lv = tl.load(p0 + rows * R + rho, mask=rmask, other=0.0).to(tl.float32)
+            rv = tl.load(p1 + rho * OUT + cols, mask=cmask, other=0.0).to(tl.float32)
+            tile += rv[:, None] * lv[None, :]
+    else:
+        tile = tl.trans(_weight_tile(p0, p1, p2, rows, cols, IN, OUT, N, R, KIND, BR, BC))
+    return tile
+
+
+@triton.jit
 def _fused_adapter_fwd_kernel(
         x_ptr, res_ptr, y_ptr, z_ptr,
         d0, d1, d2, bd_ptr, u0, u1, u2, bu_ptr,
@@ -147,18 +168,17 @@ def _fused_adapter_fwd_kernel(
 
 @triton.jit
 def _fused_adapter_bwd_kernel(
-        dy_ptr, z_ptr, dx_ptr, gz_ptr, h_ptr, dbu_ptr, dbd_ptr,
+        dy_ptr, z_ptr, dx_ptr, gz_ptr, h_ptr, dbd_ptr,
         d0, d1, d2, u0, u1, u2,
-        T, D, M, DN, DR, UN, UR,
+        T, D, M, MH, DN, DR, UN, UR,
         ADD_INPUT, ACT,
         DKIND: tl.constexpr, UKIND: tl.constexpr, PREC: tl.constexpr,
         BT: tl.constexpr, BK: tl.constexpr, BM: tl.constexpr):
     """One program per BT tokens: g_h = dy W_uᵀ, g_z = g_h ⊙ φ'(z), dx = g_z W_dᵀ (+ dy); also
-    h = φ(z) and g_z (for the weight-gradient GEMMs); the column sums of dy (db_u) and of g_z
-    (db_d) are added atomically into zeroed fp32 buffers."""
+    g_z and h_aug = [φ(z) | 1 | 0…] (row stride MH) for the weight-gradient GEMMs: the ones column
+    makes hᵀdy carry db_u = Σ_t dy_t for free. db_d = Σ_t g_z is added atomically (m addresses)."""
     dtype = dy_ptr.dtype.element_ty
-    pid = tl.program_id(0)
-    rows = pid.to(tl.int64) * BT + tl.arange(0, BT)
+    rows = tl.program_id(0).to(tl.int64) * BT + tl.arange(0, BT)
     rmask = rows < T
     cm = tl.arange(0, BM)
     mmask = cm < M
@@ -167,23 +187,24 @@ def _fused_adapter_bwd_kernel(
         ns = n0 + tl.arange(0, BK)
         nmask = ns < D
         dyt = tl.load(dy_ptr + rows[:, None] * D + ns[None, :], mask=rmask[:, None] & nmask[None, :], other=0.0)
-        wu = _weight_tile(u0, u1, u2, cm, ns, M, D, UN, UR, UKIND, BM, BK)
-        g_h = tl.dot(dyt, tl.trans(wu.to(dtype)), g_h, input_precision=PREC)
-        tl.atomic_add(dbu_ptr + ns, tl.sum(dyt.to(tl.float32), axis=0), mask=nmask)
+        wut = _weight_tile_t(u0, u1, u2, cm, ns, M, D, UN, UR, UKIND, BM, BK)
+        g_h = tl.dot(dyt, wut.to(dtype), g_h, input_precision=PREC)
     zmask = rmask[:, None] & mmask[None, :]
-    zoff = rows[:, None] * M + cm[None, :]
-    z = tl.load(z_ptr + zoff, mask=zmask, other=0.0)
+    z = tl.load(z_ptr + rows[:, None] * M + cm[None, :], mask=zmask, other=0.0)
     g_z = tl.where(zmask, g_h * _dact(z, ACT), 0.0).to(dtype)
-    tl.store(gz_ptr + zoff, g_z, mask=zmask)
+    tl.store(gz_ptr + rows[:, None] * M + cm[None, :], g_z, mask=zmask)
     tl.atomic_add(dbd_ptr + cm, tl.sum(g_z.to(tl.float32), axis=0), mask=mmask)
-    tl.store(h_ptr + zoff, _act(z, ACT).to(dtype), mask=zmask)
+    tl.store(h_ptr + rows[:, None] * MH + cm[None, :], _act(z, ACT).to(dtype), mask=zmask)
+    pc = tl.arange(0, 8)
+    tl.store(h_ptr + rows[:, None] * MH + M + pc[None, :], tl.where(pc[None, :] == 0, 1.0, 0.0).to(dtype),
+             mask=rmask[:, None] & (M + pc < MH)[None, :])
     for k0 in range(0, D, BK):
         ks = k0 + tl.arange(0, BK)
         kmask = ks < D
         omask = rmask[:, None] & kmask[None, :]
         off = rows[:, None] * D + ks[None, :]
-        wd = _weight_tile(d0, d1, d2, ks, cm, D, M, DN, DR, DKIND, BK, BM)
-        dx = tl.dot(g_z, tl.trans(wd.to(dtype)), input_precision=PREC)
+        wdt = _weight_tile_t(d0, d1, d2, ks, cm, D, M, DN, DR, DKIND, BK, BM)
+        dx = tl.dot(g_z, wdt.to(dtype), input_precision=PREC)
         if ADD_INPUT:
             dx += tl.load(dy_ptr + off, mask=omask, other=0.0).to(tl.float32)
         tl.store(dx_ptr + off, dx.to(dtype), mask=omask)
@@ -246,6 +267,11 @@ def _tiles(m: int) -> tuple[int, int, int, int]:
     return 64, 32, bm, 8
 
 
+def _bwd_tiles(m: int) -> tuple[int, int, int, int]:
+    """(BT, BK, BM, num_warps) of the backward kernel."""
+    return _tiles(m)
+
+
 def _prec(x: torch.Tensor) -> str:
     # fp32 stays fp32 (no TF32): the fused op must compute the reference's function.
     return "ieee" if x.dtype == torch.float32 else "tf32"
@@ -275,31 +301,37 @@ def fused_adapter_fwd(x: torch.Tensor, residual: torch.Tensor | None, add_input:
     return y, z
 
 
+def augmented_width(m: int) -> int:
+    """Row stride of h_aug = [φ(z) | 1 | 0…]: m + 1 rounded up to 8 (16-byte rows for the GEMM)."""
+    return (m + 1 + 7) // 8 * 8
+
+
 def fused_adapter_bwd(dy: torch.Tensor, z: torch.Tensor, down_kind: int, down: list[torch.Tensor],
                       up_kind: int, up: list[torch.Tensor], add_input: bool,
                       act: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dx, g_z, h, db_up, db_down) for 2-D contiguous dy (T, D) and the saved fp32 z (T, m);
-    the bias gradients are fp32."""
+    """(dx, g_z, h_aug, db_down) for 2-D contiguous dy (T, D) and the saved fp32 z (T, m).
+
+    h_aug (T, augmented_width(m)) is [φ(z) | 1 | 0…]: h_augᵀ dy gives dW_u in its first m rows and
+    db_u in row m. db_down is fp32."""
     T, D = dy.shape
     m = z.shape[1]
+    mh = augmented_width(m)
     dx = _empty(dy.shape, device=dy.device, dtype=dy.dtype)
     g_z = _empty((T, m), device=dy.device, dtype=dy.dtype)
-    h = _empty((T, m), device=dy.device, dtype=dy.dtype)
-    db_up = torch.zeros(D, device=dy.device, dtype=torch.float32)
+    h_aug = _empty((T, mh), device=dy.device, dtype=dy.dtype)
     db_down = torch.zeros(m, device=dy.device, dtype=torch.float32)
     if T == 0:
-        return dx, g_z, h, db_up, db_down
-    bt, bk, bm, warps = _tiles(m)
-    grid = triton.cdiv(T, bt)
+        return dx, g_z, h_aug, db_down
+    bt, bk, bm, warps = _bwd_tiles(m)
     d0, d1, d2, dn, dr = _factor_args(down_kind, down)
     u0, u1, u2, un, ur = _factor_args(up_kind, up)
-    _fused_adapter_bwd_kernel[(grid,)](
-        dy, z, dx, g_z, h, db_up, db_down,
+    _fused_adapter_bwd_kernel[(triton.cdiv(T, bt),)](
+        dy, z, dx, g_z, h_aug, db_down,
         d0, d1, d2, u0, u1, u2,
-        T, D, m, dn, dr, un, ur,
+        T, D, m, mh, dn, dr, un, ur,
         ADD_INPUT=int(add_input), ACT=act, DKIND=down_kind, UKIND=up_kind, PREC=_prec(dy),
         BT=bt, BK=bk, BM=bm, num_warps=warps)
-    return dx, g_z, h, db_up, db_down
+    return dx, g_z, h_aug, db_down
 
 
 def kron_weights(weights: list[tuple[int, list[torch.Tensor], int, int]],
