@@ -43,7 +43,7 @@ fi
 
 # Fused adapter microbenchmark (bf16; the shapes, every weight kind and provider).
 if has bench; then
-    (cd / && "$PY" "$ROOT/benchmarks/adapter.py" --device cuda --dtype bf16 --out "$OUT/results" 2>&1) \
+    (cd / && "$PY" "$ROOT/benchmarks/adapter.py" --device cuda --dtype bf16 --out "$OUT/results" ${BENCH_ARGS:-} 2>&1) \
         | tail -80 | tee "$OUT/adapter_bench.txt"
 fi
 
