@@ -38,16 +38,30 @@ def get_backend() -> str:
     return _validate(os.environ.get("KADAPT_BACKEND", "auto"), "KADAPT_BACKEND")
 
 
+# The three probes below run while torch.compile traces an op's dispatch: Dynamo calls them once
+# and treats the result as a constant (torch 2.11's Dynamo refuses to trace importlib's find_spec).
+@torch.compiler.assume_constant_result
 def triton_importable() -> bool:
+    return _triton_spec_found()
+
+
+@functools.cache
+def _triton_spec_found() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
+@torch.compiler.assume_constant_result
 def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-@functools.cache
+@torch.compiler.assume_constant_result
 def cuda_extension_built() -> bool:
+    return _cuda_extension_built()
+
+
+@functools.cache
+def _cuda_extension_built() -> bool:
     """Whether kadapt._C loads with its ops (checked once per process: it is on every op call)."""
     from kadapt import _extension
 

@@ -252,6 +252,14 @@ def _check_shapes(x, wd: AdapterWeight, b_down, wu: AdapterWeight, b_up, residua
         raise ValueError(f"b_up must have shape ({D},), got {tuple(b_up.shape)}")
     if residual is not None and residual.shape != x.shape:
         raise ValueError(f"residual shape {tuple(residual.shape)} differs from x {tuple(x.shape)}")
+    named = [("b_down", b_down), ("b_up", b_up)] + ([("residual", residual)] if residual is not None else [])
+    for field, w in (("w_down", wd), ("w_up", wu)):
+        first = 1 if w.kind in ("phm", "compacter") else 0  # a PHM rule A may be stored in another dtype
+        named += [(f"{field}.tensors[{i}]", t) for i, t in enumerate(w.tensors) if i >= first]
+    for name, t in named:
+        if t.dtype != x.dtype:
+            raise ValueError(f"{name} has dtype {t.dtype} but x has {x.dtype}: x, the weights (all factors but a "
+                             f"PHM rule A), the biases and the residual must share one dtype")
 
 
 def fused_adapter(x: torch.Tensor, w_down: torch.Tensor | AdapterWeight, b_down: torch.Tensor,

@@ -122,9 +122,17 @@ def _resolve(op: str, x: torch.Tensor, rule, b, t, bias) -> str:
     return backends.resolve(op, x, cuda_unsupported=reason, triton_unsupported=reason)
 
 
+def _check_dtypes(x: torch.Tensor, b: torch.Tensor, t: torch.Tensor | None, bias: torch.Tensor | None) -> None:
+    for name, v in (("b", b), ("t", t), ("bias", bias)):
+        if v is not None and v.dtype != x.dtype:
+            raise ValueError(f"{name} has dtype {v.dtype} but x has {x.dtype}: x, the factors (all but the rule A) "
+                             f"and the bias must share one dtype")
+
+
 def phm_weight(rule: torch.Tensor, b: torch.Tensor, t: torch.Tensor | None = None) -> torch.Tensor:
     """W = Σ_i A_i ⊗ B_i (in, out), B = b or B_i = b_i t_i, on the backend in force."""
     _weight(rule, b, t)
+    _check_dtypes(b, b, t, None)
     backend = _resolve("phm_weight", b, rule, b, t, None)
     if backend == "reference":
         return phm_weight_reference(rule, b, t)
@@ -142,6 +150,7 @@ def phm_linear(x: torch.Tensor, rule: torch.Tensor, b: torch.Tensor, t: torch.Te
         raise ValueError(f"x must be (…, {d_in}) to match the PHM weight ({d_in}, {d_out}), got {tuple(x.shape)}")
     if bias is not None and tuple(bias.shape) != (d_out,):
         raise ValueError(f"bias must have shape ({d_out},), got {tuple(bias.shape)}")
+    _check_dtypes(x, b, t, bias)
     backend = _resolve("phm_linear", x, rule, b, t, bias)
     if backend == "reference":
         return phm_linear_reference(x, rule, b, t, bias)

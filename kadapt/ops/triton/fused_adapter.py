@@ -125,7 +125,12 @@ def _weight_tile_t(p0, p1, p2, rows, cols, IN, OUT, N, R,
     return tile
 
 
-@triton.jit
+# Integer arguments that are 1 or divisible by 16 make Triton compile a new specialisation; only D
+# and M (alignment of the row strides) are worth one. The rest would multiply compilations.
+_NO_SPEC = ["T", "DN", "DR", "UN", "UR", "ADD_INPUT", "ACT"]
+
+
+@triton.jit(do_not_specialize=_NO_SPEC + ["HAS_RES"])
 def _fused_adapter_fwd_kernel(
         x_ptr, res_ptr, y_ptr, z_ptr,
         d0, d1, d2, bd_ptr, u0, u1, u2, bu_ptr,
@@ -166,7 +171,7 @@ def _fused_adapter_fwd_kernel(
         tl.store(y_ptr + off, out.to(dtype), mask=omask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_NO_SPEC)
 def _fused_adapter_bwd_kernel(
         dy_ptr, z_ptr, dx_ptr, gz_ptr, h_ptr, dbd_ptr,
         d0, d1, d2, u0, u1, u2,
@@ -221,7 +226,7 @@ def _store_weight_tile(p0, p1, p2, w_ptr, tile_id, IN, OUT, N, R,
     tl.store(w_ptr + rows[:, None] * OUT + cols[None, :], tile.to(w_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["IN", "OUT", "N", "R", "IN2", "OUT2", "N2", "R2", "TILES"])
 def _kron_weight_kernel(p0, p1, p2, w_ptr, IN, OUT, N, R, q0, q1, q2, v_ptr, IN2, OUT2, N2, R2, TILES,
                         KIND: tl.constexpr, KIND2: tl.constexpr, TWO: tl.constexpr,
                         BR: tl.constexpr, BC: tl.constexpr):
