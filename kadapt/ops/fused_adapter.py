@@ -114,11 +114,22 @@ def _backward_kernels(x, dy, z, down_kind, down, up_kind, up, add_input, act, ba
     return (dx, x.t() @ g_z if need_down else None, up_and_bias[:m], up_and_bias[m], db_down)
 
 
-def _factor_grads(down_kind, down, up_kind, up, d_wd, d_wu):
+def _factor_grads(down_kind, down, up_kind, up, d_wd, d_wu, backend):
     """Factor gradients of both projections from their dense gradients (§12.3)."""
-    d_down = factor_grads(_KIND_NAMES[down_kind], down, d_wd) if d_wd is not None else [None] * len(down)
-    d_up = factor_grads(_KIND_NAMES[up_kind], up, d_wu) if d_wu is not None else [None] * len(up)
-    return d_down, d_up
+    return (_kind_factor_grads(down_kind, down, d_wd, backend), _kind_factor_grads(up_kind, up, d_wu, backend))
+
+
+def _kind_factor_grads(kind, tensors, d_w, backend):
+    if d_w is None:
+        return [None] * len(tensors)
+    if backend == "triton" and kind in (1, 2):
+        from kadapt.ops.triton import fused_adapter as kernels
+
+        # One launch instead of ~8 small PyTorch kernels per projection (None: shape outside it).
+        grads = kernels.kron_factor_grads(kind, list(tensors), d_w)
+        if grads is not None:
+            return grads
+    return factor_grads(_KIND_NAMES[kind], tensors, d_w)
 
 
 class _FusedAdapterFunction(torch.autograd.Function):
@@ -150,7 +161,7 @@ class _FusedAdapterFunction(torch.autograd.Function):
         dx, d_wd, d_wu, db_up, db_down = _backward_kernels(
             x, dy, z, pdk, list(prepared[:n_pdown]), puk, list(prepared[n_pdown:]), add_input, act, backend,
             any(need[:n_down]), any(need[n_down:]))
-        d_down, d_up = _factor_grads(down_kind, down, up_kind, up, d_wd, d_wu)
+        d_down, d_up = _factor_grads(down_kind, down, up_kind, up, d_wd, d_wu, backend)
         return (dx, dy if ctx.has_residual else None, db_down.to(ctx.bias_dtypes[0]), db_up.to(ctx.bias_dtypes[1]),
                 None, *d_down, *d_up)
 
@@ -208,7 +219,8 @@ def _backward(ctx, dy, _dz):
     dy = dy.contiguous()
     dx, d_wd, d_wu, db_up, db_down = torch.ops.kadapt.fused_adapter_backward(
         x, dy, z, list(w_down), down_kind, list(w_up), up_kind, add_input, act, backend)
-    d_down, d_up = _factor_grads(down_kind, w_down, up_kind, w_up, d_wd, d_wu)
+    # The PyTorch formulas: this backward is traced by AOTAutograd, a Triton launch here is not.
+    d_down, d_up = _factor_grads(down_kind, w_down, up_kind, w_up, d_wd, d_wu, "traced")
     return (dx, dy if has_residual else None, None, d_down, None, db_down.to(bd_dtype), d_up, None,
             db_up.to(bu_dtype), None, None)
 

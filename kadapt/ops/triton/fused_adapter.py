@@ -363,3 +363,112 @@ def kron_weight(kind: int, tensors: list[torch.Tensor], in_features: int, out_fe
                 dtype: torch.dtype) -> torch.Tensor:
     """Materialise W (in, out) of a factored weight in one launch."""
     return kron_weights([(kind, tensors, in_features, out_features)], dtype)[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# factor gradients of a Kronecker-sum weight (METHODS.md §12.3, materialised backward)
+
+@triton.jit(do_not_specialize=["KI", "KO", "N", "R"])
+def _kron_factor_grads_kernel(
+        dw_ptr, sdw_r, sdw_c, a_ptr, sa_c, sa_a, s_ptr, ss_k, ss_r, t_ptr, st_r, st_p,
+        da_ptr, sda_c, sda_a, ds_ptr, sds_k, sds_r, dt_ptr, sdt_r, sdt_p,
+        KI, KO, N, R,
+        KIND: tl.constexpr, BF: tl.constexpr, BC: tl.constexpr, NP: tl.constexpr, RP: tl.constexpr):
+    """One program per rule slice i, for W = Σ_i A_i ⊗ B_i with blocks of KI × KO and KO ≤ BF:
+    dA_i[c,a] = ⟨dW_(c,a), B_i⟩, dB_i = Σ_{c,a} A_i[c,a] dW_(c,a), and for Compacter
+    (B_i = s_i t_i) ds_i = dB_i t_iᵀ, dt_i = s_iᵀ dB_i. Every output element is written once, in
+    its tensor's dtype. Strided: the host passes the transposed problem when KO is the long side.
+    For PHM (KIND 1) s is B and ds is dB."""
+    i = tl.program_id(0)
+    nn = tl.arange(0, NP)
+    rr = tl.arange(0, RP)
+    ps = tl.arange(0, BF)
+    pmask = ps < KO
+    d_rule = tl.zeros((NP, NP), tl.float32)
+    d_t = tl.zeros((RP, BF), tl.float32)
+    a_base = a_ptr + i * N * N  # A is (n, n, n) contiguous in its leading dim; sa_* stride (c, a)
+    for k0 in range(0, KI, BC):
+        ks = k0 + tl.arange(0, BC)
+        kmask = ks < KI
+        m2 = kmask[:, None] & pmask[None, :]
+        if KIND == 1:
+            b = tl.load(s_ptr + i * KI * KO + ks[:, None] * ss_k + ps[None, :] * ss_r, mask=m2, other=0.0).to(tl.float32)
+        else:
+            b = tl.zeros((BC, BF), tl.float32)
+            for rho in range(R):
+                sv = tl.load(s_ptr + i * KI * R + ks * ss_k + rho * ss_r, mask=kmask, other=0.0).to(tl.float32)
+                tv = tl.load(t_ptr + i * R * KO + rho * st_r + ps * st_p, mask=pmask, other=0.0).to(tl.float32)
+                b += sv[:, None] * tv[None, :]
+        d_b = tl.zeros((BC, BF), tl.float32)
+        for c in range(N):
+            for a in range(N):
+                tile = tl.load(dw_ptr + (c * KI + ks)[:, None] * sdw_r + (a * KO + ps)[None, :] * sdw_c,
+                               mask=m2, other=0.0).to(tl.float32)
+                d_b += tl.load(a_base + c * sa_c + a * sa_a).to(tl.float32) * tile
+                d_rule = tl.where((nn[:, None] == c) & (nn[None, :] == a), d_rule + tl.sum(tile * b), d_rule)
+        if KIND == 1:
+            tl.store(ds_ptr + i * KI * KO + ks[:, None] * sds_k + ps[None, :] * sds_r,
+                     d_b.to(ds_ptr.dtype.element_ty), mask=m2)
+        else:
+            for rho in range(R):
+                tv = tl.load(t_ptr + i * R * KO + rho * st_r + ps * st_p, mask=pmask, other=0.0).to(tl.float32)
+                tl.store(ds_ptr + i * KI * R + ks * sds_k + rho * sds_r,
+                         tl.sum(d_b * tv[None, :], axis=1).to(ds_ptr.dtype.element_ty), mask=kmask)
+                sv = tl.load(s_ptr + i * KI * R + ks * ss_k + rho * ss_r, mask=kmask, other=0.0).to(tl.float32)
+                d_t = tl.where(rr[:, None] == rho, d_t + tl.sum(sv[:, None] * d_b, axis=0)[None, :], d_t)
+    if KIND == 2:
+        tl.store(dt_ptr + i * R * KO + rr[:, None] * sdt_r + ps[None, :] * sdt_p, d_t.to(dt_ptr.dtype.element_ty),
+                 mask=(rr < R)[:, None] & pmask[None, :])
+    tl.store(da_ptr + i * N * N + nn[:, None] * sda_c + nn[None, :] * sda_a, d_rule.to(da_ptr.dtype.element_ty),
+             mask=(nn < N)[:, None] & (nn < N)[None, :])
+
+
+FACTOR_GRADS_MAX_SHORT_SIDE = 256  # the short side of a block (in/n or out/n) held whole in registers
+FACTOR_GRADS_MAX_RANK = 16
+
+
+def kron_factor_grads(kind: int, tensors: list[torch.Tensor], d_w: torch.Tensor) -> list[torch.Tensor] | None:
+    """[dA, dB] (PHM, kind 1) or [dA, ds, dt] (Compacter, kind 2) from dL/dW in one launch, or None
+    when the shapes are outside this kernel (the caller then uses the PyTorch formulas)."""
+    rule = tensors[0]
+    n = rule.shape[0]
+    d_in, d_out = d_w.shape
+    ki, ko = d_in // n, d_out // n
+    r = tensors[1].shape[2] if kind == 2 else 1
+    if min(ki, ko) > FACTOR_GRADS_MAX_SHORT_SIDE or r > FACTOR_GRADS_MAX_RANK or n > 16:
+        return None
+    grads = [_empty(t.shape, device=t.device, dtype=t.dtype) for t in tensors]
+    d_rule, d_s = grads[0], grads[1]
+    s, t = tensors[1], tensors[2] if kind == 2 else tensors[1]
+    d_t = grads[2] if kind == 2 else d_s
+    # Strides of the (κ, ρ)/(ρ, p) views (PHM: B and dB as (κ, p)); transposed problem when KO > KI:
+    # Wᵀ = Σ A_iᵀ ⊗ B_iᵀ with B_iᵀ = t_iᵀ s_iᵀ, so s ↔ tᵀ, dA ↔ dAᵀ, ds ↔ dtᵀ.
+    if kind == 2:
+        views = [(s, s.stride(1), s.stride(2)), (t, t.stride(1), t.stride(2)),
+                 (d_s, d_s.stride(1), d_s.stride(2)), (d_t, d_t.stride(1), d_t.stride(2))]
+    else:
+        views = [(s, s.stride(1), s.stride(2)), (s, s.stride(1), s.stride(2)),
+                 (d_s, d_s.stride(1), d_s.stride(2)), (d_s, d_s.stride(1), d_s.stride(2))]
+    dw = (d_w, d_w.stride(0), d_w.stride(1))
+    ra = (rule, rule.stride(1), rule.stride(2))
+    da = (d_rule, d_rule.stride(1), d_rule.stride(2))
+    if ko > ki:  # make KO the short side
+        ki, ko = ko, ki
+        dw = (d_w, d_w.stride(1), d_w.stride(0))
+        ra = (rule, rule.stride(2), rule.stride(1))
+        da = (d_rule, d_rule.stride(2), d_rule.stride(1))
+        if kind == 2:
+            (s_, s_k, s_r), (t_, t_r, t_p), (ds_, ds_k, ds_r), (dt_, dt_r, dt_p) = views
+            views = [(t_, t_p, t_r), (s_, s_r, s_k), (dt_, dt_p, dt_r), (ds_, ds_r, ds_k)]
+        else:
+            (b_, b_k, b_p), _, (db_, db_k, db_p), _ = views
+            views = [(b_, b_p, b_k), (b_, b_p, b_k), (db_, db_p, db_k), (db_, db_p, db_k)]
+    (sp, s_k, s_r), (tp, t_r, t_p), (dsp, ds_k, ds_r), (dtp, dt_r, dt_p) = views
+    bf = max(16, triton.next_power_of_2(ko))
+    bc = max(16, min(64, 4096 // bf))
+    _kron_factor_grads_kernel[(n,)](
+        dw[0], dw[1], dw[2], ra[0], ra[1], ra[2], sp, s_k, s_r, tp, t_r, t_p,
+        da[0], da[1], da[2], dsp, ds_k, ds_r, dtp, dt_r, dt_p,
+        ki, ko, n, r,
+        KIND=kind, BF=bf, BC=bc, NP=max(2, triton.next_power_of_2(n)), RP=max(2, triton.next_power_of_2(r)))
+    return grads
