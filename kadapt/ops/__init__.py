@@ -9,3 +9,9 @@ bottleneck_adapter_reference = fused_adapter_reference
 
 __all__ = ["AdapterWeight", "WEIGHT_KINDS", "bottleneck_adapter", "bottleneck_adapter_reference", "fused_adapter",
            "fused_adapter_reference", "phm_linear", "phm_linear_reference", "phm_weight", "phm_weight_reference"]
+
+# Inducer attention (METHODS.md §8, §12.1).
+from kadapt.ops.inducer_attention import (  # noqa: E402
+    inducer_attention, inducer_attention_concat_reference, inducer_attention_reference)
+
+__all__ += ["inducer_attention", "inducer_attention_concat_reference", "inducer_attention_reference"]

@@ -1,0 +1,342 @@
+"""Inducer attention: softmax attention plus the inducer weight w = σ(s0 − LSE) (METHODS.md §8, §12.1).
+
+Per (batch, head) and query row q_i (shapes: q (B, H, Tq, d), k, v (B, H, Tk, d)):
+
+    s_ij = c⟨q_i, k_j⟩ over the *real* keys j (masked: causal, key padding)
+    O_i  = Σ_j softmax_j(s_i·) v_j          (standard attention, unmodified)
+    LSE_i = log Σ_j exp(s_ij)               (fp32; float64 for float64 inputs)
+    s0_i = c⟨q_i, q_i + φ(q_i)⟩,  φ(q) = tanh(q A_k + a_k) B_k + b_k per head (identity key p = q when
+           the key MLP is None)
+    w_i  = σ(s0_i − LSE_i)  = column 0 of the softmax over [s0_i | s_i·]  (the inducer's weight)
+
+The value MLP, dropout on w, gating and the value extension are cheap epilogue math done by the method.
+
+Masks. ``causal`` aligns the query block to the END of the keys (decoding with a cache): query i sees
+keys j ≤ i + Tk − Tq. ``key_padding_mask`` (B, Tk) bool, True = keep. A query row that sees no key at
+all (fully masked, e.g. all keys padded, or causal with Tq > Tk) is defined as: LSE = −inf, O = 0,
+w = 1 (the concat softmax puts all its mass on the inducer column), and it passes no gradient through
+O, LSE or w (w is constant 1 there).
+
+Backends (kadapt.set_backend): ``reference`` (the PyTorch formula below, the truth); ``triton``
+(kadapt/ops/triton/inducer_attention.py: a FlashAttention-2 style forward with the key-MLP prologue and
+the σ epilogue, and a fused backward: a preprocessing kernel delta_i = rowsum(dO ⊙ O) − ∂L/∂LSE_i with
+∂L/∂LSE_i = dLSE_i − w_i(1 − w_i) dw_i, the dK/dV and the dQ kernels (dQ also adds the s0 term of the
+key-MLP prologue); the key-MLP parameter gradients are token reductions done in PyTorch from recomputed
+h, O(T·d·m_k)). There is no CUDA kernel for this op: forcing "cuda" raises RuntimeError. ``auto`` runs
+Triton on CUDA tensors and the reference otherwise.
+
+Eager calls go through a torch.autograd.Function; under torch.compile the same kernels run as the custom
+ops ``kadapt::inducer_attention`` / ``kadapt::inducer_attention_backward``.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from typing import Optional
+
+import torch
+
+from kadapt import backends
+
+logger = logging.getLogger("kadapt")
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+MAX_HEAD_DIM = 128
+# Widest key MLP the Triton kernels take (the padded m_k tile); wider ones run the reference under "auto".
+TRITON_MAX_KEY_MLP = 128
+
+
+def _log_backend(msg: str, *args) -> None:
+    if not torch.compiler.is_compiling():
+        logger.debug(msg, *args)
+
+
+def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
+    """dtype of LSE and w: fp32, or float64 for float64 inputs."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# reference (the truth)
+
+def key_mlp(q: torch.Tensor, A_k, a_k, B_k, b_k) -> torch.Tensor:
+    """φ(q) = tanh(q A_k + a_k) B_k + b_k per head; q (B, H, T, d), A_k (H, d, m), a_k (H, m),
+    B_k (H, m, d), b_k (H, d). Zero when the key MLP is None (identity key p = q)."""
+    if A_k is None:
+        return torch.zeros_like(q)
+    h = torch.tanh(torch.einsum("bhtd,hdm->bhtm", q, A_k) + a_k[:, None, :])
+    return torch.einsum("bhtm,hmd->bhtd", h, B_k) + b_k[:, None, :]
+
+
+def inducer_logit(q, A_k, a_k, B_k, b_k, scale: float) -> torch.Tensor:
+    """s0 = c⟨q, q + φ(q)⟩, shape (B, H, Tq)."""
+    return scale * (q * (q + key_mlp(q, A_k, a_k, B_k, b_k))).sum(-1)
+
+
+def attention_mask(B: int, Tq: int, Tk: int, causal: bool, key_padding_mask: torch.Tensor | None,
+                   device) -> torch.Tensor:
+    """(B, 1, Tq, Tk) bool, True where query i may see key j."""
+    keep = torch.ones((B, 1, Tq, Tk), dtype=torch.bool, device=device)
+    if causal:
+        i = torch.arange(Tq, device=device)[:, None]
+        j = torch.arange(Tk, device=device)[None, :]
+        keep = keep & (j <= i + (Tk - Tq))
+    if key_padding_mask is not None:
+        keep = keep & key_padding_mask[:, None, None, :].to(torch.bool)
+    return keep
+
+
+def _real_logits(q, k, scale, causal, key_padding_mask):
+    """(s with −inf where masked, keep mask)."""
+    keep = attention_mask(q.shape[0], q.shape[2], k.shape[2], causal, key_padding_mask, q.device)
+    s = scale * (q @ k.transpose(-1, -2))
+    return s.masked_fill(~keep, float("-inf")), keep
+
+
+def inducer_attention_reference(q, k, v, A_k=None, a_k=None, B_k=None, b_k=None, scale: float | None = None,
+                                causal: bool = False, key_padding_mask: torch.Tensor | None = None,
+                                gating: bool = False):
+    """(O, LSE, w): standard attention over the real keys, its log-sum-exp and σ(s0 − LSE).
+
+    Fully masked rows give LSE = −inf, O = 0, w = 1 with finite (zero) gradients. With ``gating``,
+    O is replaced by (1 − w)·O.
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    s, keep = _real_logits(q, k, scale, causal, key_padding_mask)
+    any_key = keep.any(-1)  # (B, 1, Tq)
+    s_safe = torch.where(any_key[..., None], s, torch.zeros((), dtype=s.dtype, device=s.device))
+    lse_safe = torch.logsumexp(s_safe, -1)
+    p = torch.exp(s_safe - lse_safe[..., None]) * keep
+    o = p @ v
+    s0 = inducer_logit(q, A_k, a_k, B_k, b_k, scale)
+    w = torch.where(any_key, torch.sigmoid(s0 - lse_safe), torch.ones((), dtype=s0.dtype, device=s0.device))
+    lse = torch.where(any_key, lse_safe, torch.full((), float("-inf"), dtype=s.dtype, device=s.device))
+    if gating:
+        o = (1 - w)[..., None].to(o.dtype) * o
+    st = _stats_dtype(q.dtype)
+    return o, lse.to(st), w.to(st)
+
+
+def inducer_attention_concat_reference(q, k, v, A_k=None, a_k=None, B_k=None, b_k=None, scale: float | None = None,
+                                       causal: bool = False, key_padding_mask: torch.Tensor | None = None):
+    """The concat-softmax formulation (METHODS.md §12.1): logits [s0 | s] (Tq × (Tk + 1)), −inf where
+    masked (s0 never), softmax over the concatenation. Returns (w, O) with w = column 0 and O the real
+    columns renormalised (= standard attention; 0 on a fully masked row)."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    s, keep = _real_logits(q, k, scale, causal, key_padding_mask)
+    s0 = inducer_logit(q, A_k, a_k, B_k, b_k, scale)
+    full = torch.cat([s0[..., None], s.expand(*s0.shape, s.shape[-1])], -1)
+    probs = torch.softmax(full, -1)
+    w = probs[..., 0]
+    real = probs[..., 1:]
+    mass = real.sum(-1, keepdim=True)
+    o = torch.where(mass > 0, real / torch.where(mass > 0, mass, 1), 0) @ v
+    return w, o
+
+
+# ---------------------------------------------------------------------------------------------
+# fused path (Triton)
+
+def _mlp_grads(q, ds0, A_k, a_k, B_k, scale):
+    """Key-MLP parameter gradients from ∂L/∂s0 (fp32 token reductions over recomputed h):
+    with g = c·ds0, u = (q B_kᵀ) ⊙ (1 − h²):  dB = hᵀ(g q), db = Σ g q, dA = qᵀ(g u), da = Σ g u."""
+    acc = _stats_dtype(q.dtype)
+    qf = q.to(acc)
+    A, a, Bm = A_k.to(acc), a_k.to(acc), B_k.to(acc)
+    h = torch.tanh(torch.einsum("bhtd,hdm->bhtm", qf, A) + a[:, None, :])
+    g = (scale * ds0.to(acc))[..., None]
+    gq = g * qf
+    u = g * torch.einsum("bhtd,hmd->bhtm", qf, Bm) * (1 - h * h)
+    dB = torch.einsum("bhtm,bhtd->hmd", h, gq)
+    db = gq.sum((0, 2))
+    dA = torch.einsum("bhtd,bhtm->hdm", qf, u)
+    da = u.sum((0, 2))
+    return dA.to(A_k.dtype), da.to(a_k.dtype), dB.to(B_k.dtype), db
+
+
+def _fwd(q, k, v, mlp, kpm, scale, causal):
+    from kadapt.ops.triton import inducer_attention as kernels
+
+    return kernels.inducer_attention_fwd(q, k, v, *mlp, kpm, scale, causal)
+
+
+def _bwd(q, k, v, mlp, kpm, o, lse, w, do, dlse, dw, scale, causal):
+    """(dq, dk, dv, dA, da, dB, db) (MLP grads None without a key MLP)."""
+    from kadapt.ops.triton import inducer_attention as kernels
+
+    dq, dk, dv, ds0 = kernels.inducer_attention_bwd(q, k, v, *mlp, kpm, o, lse, w, do, dlse, dw, scale, causal)
+    if mlp[0] is None:
+        return dq, dk, dv, None, None, None, None
+    dA, da, dB, db = _mlp_grads(q, ds0, mlp[0], mlp[1], mlp[2], scale)
+    return dq, dk, dv, dA, da, dB, db.to(mlp[3].dtype)
+
+
+def _zeros_or(g, like):
+    return torch.zeros_like(like, dtype=_stats_dtype(like.dtype)) if g is None else g.contiguous()
+
+
+class _InducerAttentionFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, A_k, a_k, B_k, b_k, kpm, scale, causal):
+        mlp = (A_k, a_k, B_k, b_k)
+        o, lse, w = _fwd(q, k, v, mlp, kpm, scale, causal)
+        ctx.save_for_backward(q, k, v, A_k, a_k, B_k, b_k, kpm, o, lse, w)
+        ctx.meta = (scale, causal)
+        ctx.set_materialize_grads(False)
+        return o, lse, w
+
+    @staticmethod
+    def backward(ctx, do, dlse, dw):
+        q, k, v, A_k, a_k, B_k, b_k, kpm, o, lse, w = ctx.saved_tensors
+        scale, causal = ctx.meta
+        do = torch.zeros_like(o) if do is None else do.contiguous()
+        grads = _bwd(q, k, v, (A_k, a_k, B_k, b_k), kpm, o, lse, w, do, _zeros_or(dlse, lse), _zeros_or(dw, w),
+                     scale, causal)
+        return (*grads, None, None, None)
+
+
+# ---------------------------------------------------------------------------------------------
+# custom ops (what torch.compile traces)
+
+@torch.library.custom_op("kadapt::inducer_attention", mutates_args=())
+def _inducer_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, A_k: Optional[torch.Tensor],
+                          a_k: Optional[torch.Tensor], B_k: Optional[torch.Tensor], b_k: Optional[torch.Tensor],
+                          kpm: Optional[torch.Tensor], scale: float, causal: bool
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(O, LSE, w) for contiguous (B, H, T, d) q, k, v; kpm is the int8 (B, Tk) key padding mask or None."""
+    return _fwd(q, k, v, (A_k, a_k, B_k, b_k), kpm, scale, causal)
+
+
+@_inducer_attention_op.register_fake
+def _(q, k, v, A_k, a_k, B_k, b_k, kpm, scale, causal):
+    st = _stats_dtype(q.dtype)
+    return torch.empty_like(q), q.new_empty(q.shape[:-1], dtype=st), q.new_empty(q.shape[:-1], dtype=st)
+
+
+@torch.library.custom_op("kadapt::inducer_attention_backward", mutates_args=())
+def _inducer_attention_backward_op(
+        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, A_k: Optional[torch.Tensor], a_k: Optional[torch.Tensor],
+        B_k: Optional[torch.Tensor], b_k: Optional[torch.Tensor], kpm: Optional[torch.Tensor], o: torch.Tensor,
+        lse: torch.Tensor, w: torch.Tensor, do: torch.Tensor, dlse: torch.Tensor, dw: torch.Tensor, scale: float,
+        causal: bool) -> list[torch.Tensor]:
+    """[dq, dk, dv] (+ [dA_k, da_k, dB_k, db_k] with a key MLP)."""
+    grads = _bwd(q, k, v, (A_k, a_k, B_k, b_k), kpm, o, lse, w, do, dlse, dw, scale, causal)
+    return [g for g in grads if g is not None]
+
+
+@_inducer_attention_backward_op.register_fake
+def _(q, k, v, A_k, a_k, B_k, b_k, kpm, o, lse, w, do, dlse, dw, scale, causal):
+    out = [torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)]
+    if A_k is not None:
+        out += [torch.empty_like(A_k), torch.empty_like(a_k), torch.empty_like(B_k), torch.empty_like(b_k)]
+    return out
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, A_k, a_k, B_k, b_k, kpm, scale, causal = inputs
+    o, lse, w = output
+    ctx.save_for_backward(q, k, v, A_k, a_k, B_k, b_k, kpm, o, lse, w)
+    ctx.meta = (scale, causal)
+
+
+def _backward(ctx, do, dlse, dw):
+    q, k, v, A_k, a_k, B_k, b_k, kpm, o, lse, w = ctx.saved_tensors
+    scale, causal = ctx.meta
+    do = torch.zeros_like(o) if do is None else do.contiguous()
+    grads = torch.ops.kadapt.inducer_attention_backward(
+        q, k, v, A_k, a_k, B_k, b_k, kpm, o, lse, w, do, _zeros_or(dlse, lse), _zeros_or(dw, w), scale, causal)
+    if A_k is None:
+        grads = list(grads) + [None] * 4
+    return (*grads, None, None, None)
+
+
+_inducer_attention_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------
+# dispatch
+
+def _check(q, k, v, mlp, key_padding_mask) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            raise ValueError(f"{name} must be a 4-D (B, H, T, d) tensor, got "
+                             f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+    B, H, Tq, d = q.shape
+    if d < 1 or d > MAX_HEAD_DIM:
+        raise ValueError(f"q: head dim d={d} must be in 1..{MAX_HEAD_DIM}")
+    for name, t in (("k", k), ("v", v)):
+        if t.shape[0] != B:
+            raise ValueError(f"{name} has batch {t.shape[0]} but q has {B}")
+        if t.shape[1] != H:
+            raise ValueError(f"{name} has H={t.shape[1]} heads but q has H={H}")
+        if t.shape[3] != d:
+            raise ValueError(f"{name} has head dim {t.shape[3]} but q has d={d}")
+    if v.shape[2] != k.shape[2]:
+        raise ValueError(f"v has Tk={v.shape[2]} keys but k has Tk={k.shape[2]}")
+    Tk = k.shape[2]
+    names = ("A_k", "a_k", "B_k", "b_k")
+    given = [t is not None for t in mlp]
+    if any(given) and not all(given):
+        missing = [n for n, g in zip(names, given) if not g]
+        raise ValueError(f"the key MLP needs all of A_k, a_k, B_k, b_k (or none for the identity key); "
+                         f"missing {', '.join(missing)}")
+    if all(given):
+        A_k = mlp[0]
+        if A_k.dim() != 3 or A_k.shape[0] != H or A_k.shape[1] != d or A_k.shape[2] < 1:
+            raise ValueError(f"A_k must be (H={H}, d={d}, m_k≥1), got {tuple(A_k.shape)}")
+        m = A_k.shape[2]
+        for name, t, shape in (("a_k", mlp[1], (H, m)), ("B_k", mlp[2], (H, m, d)), ("b_k", mlp[3], (H, d))):
+            if tuple(t.shape) != shape:
+                raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
+    if key_padding_mask is not None:
+        if key_padding_mask.dtype != torch.bool:
+            raise ValueError(f"key_padding_mask must be a bool tensor (True = keep), got {key_padding_mask.dtype}")
+        if tuple(key_padding_mask.shape) != (B, Tk):
+            raise ValueError(f"key_padding_mask must have shape (B, Tk) = {(B, Tk)}, got "
+                             f"{tuple(key_padding_mask.shape)}")
+    for name, t in (("k", k), ("v", v)) + tuple(zip(names, mlp)):
+        if t is not None and t.dtype != q.dtype:
+            raise ValueError(f"{name} has dtype {t.dtype} but q has {q.dtype}: q, k, v and the key MLP must "
+                             f"share one dtype")
+
+
+def _triton_unsupported(q, mlp) -> str | None:
+    if q.dtype not in _DTYPES:
+        return f"dtype {q.dtype} is not one of float32, float16, bfloat16"
+    if mlp[0] is not None and mlp[0].shape[2] > TRITON_MAX_KEY_MLP:
+        return f"key-MLP width m_k={mlp[0].shape[2]} exceeds the kernel's {TRITON_MAX_KEY_MLP}"
+    return None
+
+
+def inducer_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, A_k: torch.Tensor | None = None,
+                      a_k: torch.Tensor | None = None, B_k: torch.Tensor | None = None,
+                      b_k: torch.Tensor | None = None, scale: float | None = None, causal: bool = False,
+                      key_padding_mask: torch.Tensor | None = None, gating: bool = False):
+    """(O, LSE, w) on the backend in force; see the module docstring. ``scale`` defaults to 1/√d.
+
+    With ``gating`` O is (1 − w)·O (applied to the kernel's output by PyTorch; gradients flow through both).
+    """
+    mlp = (A_k, a_k, B_k, b_k)
+    _check(q, k, v, mlp, key_padding_mask)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale}")
+    if backends.get_backend() == "cuda":
+        raise RuntimeError("backend 'cuda' is forced but there is no CUDA kernel for inducer_attention yet; "
+                           "use kadapt.set_backend('triton'), 'auto' or 'reference'")
+    backend = backends.resolve(
+        "inducer_attention", q, cuda_unsupported="there is no CUDA kernel for this op yet (use 'triton')",
+        triton_unsupported=_triton_unsupported(q, mlp), order=("triton",))
+    _log_backend("inducer_attention: %s backend", backend)
+    if backend == "reference":
+        return inducer_attention_reference(q, k, v, A_k, a_k, B_k, b_k, scale, causal, key_padding_mask, gating)
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    mlp = tuple(None if t is None else t.contiguous() for t in mlp)
+    kpm = None if key_padding_mask is None else key_padding_mask.to(torch.int8).contiguous()
+    if torch.compiler.is_compiling():
+        o, lse, w = torch.ops.kadapt.inducer_attention(q, k, v, *mlp, kpm, scale, bool(causal))
+    else:
+        o, lse, w = _InducerAttentionFunction.apply(q, k, v, *mlp, kpm, scale, bool(causal))
+    if gating:
+        o = (1 - w)[..., None].to(o.dtype) * o
+    return o, lse, w

@@ -1,0 +1,347 @@
+"""Triton kernels of inducer attention (METHODS.md §8, §12.1): FlashAttention-2 style forward and
+backward with the inducer weight w = σ(s0 − LSE).
+
+Layout: q (BH, Tq, d), k, v (BH, Tk, d) contiguous (the op layer makes them so), head h = bh mod H,
+batch b = bh div H. The head dim is padded to the constexpr BD = next_pow2(max(d, 16)) and the key-MLP
+width to BMK = next_pow2(max(m_k, 16)); sequence lengths need not be multiples of the tiles.
+
+Forward (one program per (query tile of BM rows, bh)):
+  prologue  h = tanh(q A_k + a_k), φ = h B_k + b_k, s0 = c⟨q, q + φ⟩   (s0 = c‖q‖² without a key MLP)
+  loop      online softmax over key tiles of BN (running max m, sum l, fp32 accumulator); with ``causal``
+            the loop stops at the last key tile the query tile can see (query i sees j ≤ i + Tk − Tq)
+  epilogue  O = acc / l, LSE = m + log l, w = σ(s0 − LSE); a row without any visible key gets
+            O = 0, LSE = −inf, w = 1.
+No Tq×Tk tensor is ever stored.
+
+Backward (§12.1: only the FA2 delta changes):
+  _bwd_preprocess  t_i = w_i(1 − w_i)·∂L/∂w_i;  ∂L/∂s0_i = t_i;  delta_i = rowsum(dO ⊙ O)_i − (dLSE_i − t_i)
+  _bwd_dkdv        one program per (key tile, bh), loop over the query tiles that can see it:
+                   P = exp(s − LSE), dV += Pᵀ dO, dS = P ⊙ (dO Vᵀ − delta), dK += c dSᵀ Q
+  _bwd_dq          one program per (query tile, bh), loop over key tiles: dQ = c dS K, then the
+                   inducer-logit term dQ += c ∂L/∂s0 (2q + φ + ((q B_kᵀ) ⊙ (1 − h²)) A_kᵀ)
+The key-MLP parameter gradients are O(T·d·m_k) token reductions left to the op layer.
+
+Accumulation is fp32; P and dS are cast to the input dtype before ``tl.dot`` (tensor cores); fp32 uses
+input_precision="ieee" (no TF32). Causal, key-padding and key-MLP switches are runtime/constexpr as noted at
+each kernel; only tile sizes, BD, BMK, HAS_MLP and the dtype make new compilations.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+_NO_SPEC = ["H", "Tq", "Tk", "HAS_MASK", "CAUSAL"]
+
+
+@triton.jit
+def _tanh(u):
+    return 2.0 * tl.sigmoid(2.0 * u) - 1.0
+
+
+@triton.jit
+def _key_mlp(q, ak_ptr, aa_ptr, bk_ptr, bb_ptr, head, D, MK, dims, dmask,
+             PREC: tl.constexpr, BMK: tl.constexpr):
+    """(φ (BM, BD) fp32, h (BM, BMK) fp32) of the q tile for this head; zero in padded columns."""
+    dtype = q.dtype
+    cm = tl.arange(0, BMK)
+    mm = cm < MK
+    a_t = tl.load(ak_ptr + head * D * MK + dims[:, None] * MK + cm[None, :], mask=dmask[:, None] & mm[None, :],
+                  other=0.0)
+    z = tl.dot(q, a_t.to(dtype), input_precision=PREC)
+    z += tl.load(aa_ptr + head * MK + cm, mask=mm, other=0.0).to(tl.float32)[None, :]
+    h = _tanh(z)
+    b_t = tl.load(bk_ptr + head * MK * D + cm[:, None] * D + dims[None, :], mask=mm[:, None] & dmask[None, :],
+                  other=0.0)
+    phi = tl.dot(h.to(dtype), b_t.to(dtype), input_precision=PREC)
+    phi += tl.load(bb_ptr + head * D + dims, mask=dmask, other=0.0).to(tl.float32)[None, :]
+    return phi, h
+
+
+@triton.jit(do_not_specialize=_NO_SPEC)
+def _fwd_kernel(q_ptr, k_ptr, v_ptr, ak_ptr, aa_ptr, bk_ptr, bb_ptr, kpm_ptr, o_ptr, lse_ptr, w_ptr,
+                scale, H, Tq, Tk, D, MK, HAS_MASK, CAUSAL,
+                HAS_MLP: tl.constexpr, PREC: tl.constexpr,
+                BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BMK: tl.constexpr):
+    dtype = q_ptr.dtype.element_ty
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    head = bh % H
+    rows = pid_m * BM + tl.arange(0, BM)
+    rmask = rows < Tq
+    dims = tl.arange(0, BD)
+    dmask = dims < D
+    q_base = q_ptr + bh.to(tl.int64) * Tq * D
+    k_base = k_ptr + bh.to(tl.int64) * Tk * D
+    v_base = v_ptr + bh.to(tl.int64) * Tk * D
+    q = tl.load(q_base + rows[:, None] * D + dims[None, :], mask=rmask[:, None] & dmask[None, :], other=0.0)
+    qf = q.to(tl.float32)
+    if HAS_MLP:
+        phi, h = _key_mlp(q, ak_ptr, aa_ptr, bk_ptr, bb_ptr, head, D, MK, dims, dmask, PREC, BMK)
+        s0 = scale * tl.sum(qf * (qf + phi), 1)
+    else:
+        s0 = scale * tl.sum(qf * qf, 1)
+
+    off = Tk - Tq
+    hi = Tk
+    if CAUSAL:
+        hi = tl.minimum(Tk, (pid_m + 1) * BM + off)
+    m_i = tl.full((BM,), float("-inf"), tl.float32)
+    l_i = tl.zeros((BM,), tl.float32)
+    acc = tl.zeros((BM, BD), tl.float32)
+    for start_n in range(0, hi, BN):
+        cols = start_n + tl.arange(0, BN)
+        cmask = cols < Tk
+        k_t = tl.load(k_base + cols[None, :] * D + dims[:, None], mask=dmask[:, None] & cmask[None, :], other=0.0)
+        s = tl.dot(q, k_t, input_precision=PREC) * scale
+        valid = cmask[None, :] & rmask[:, None]
+        if HAS_MASK:
+            keep = tl.load(kpm_ptr + b * Tk + cols, mask=cmask, other=0)
+            valid = valid & (keep != 0)[None, :]
+        if CAUSAL:
+            valid = valid & (cols[None, :] <= rows[:, None] + off)
+        s = tl.where(valid, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp(s - m_safe[:, None])
+        alpha = tl.exp(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + cols[:, None] * D + dims[None, :], mask=cmask[:, None] & dmask[None, :], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(dtype), v, input_precision=PREC)
+        m_i = m_new
+
+    has = l_i > 0.0
+    l_safe = tl.where(has, l_i, 1.0)
+    o = acc / l_safe[:, None]
+    lse_safe = tl.where(has, m_i + tl.log(l_safe), 0.0)
+    w = tl.where(has, tl.sigmoid(s0 - lse_safe), 1.0)
+    lse = tl.where(has, lse_safe, float("-inf"))
+    tl.store(o_ptr + bh.to(tl.int64) * Tq * D + rows[:, None] * D + dims[None, :], o.to(dtype),
+             mask=rmask[:, None] & dmask[None, :])
+    tl.store(lse_ptr + bh.to(tl.int64) * Tq + rows, lse, mask=rmask)
+    tl.store(w_ptr + bh.to(tl.int64) * Tq + rows, w, mask=rmask)
+
+
+@triton.jit(do_not_specialize=["Tq"])
+def _bwd_preprocess(o_ptr, do_ptr, w_ptr, dw_ptr, dlse_ptr, delta_ptr, ds0_ptr, Tq, D,
+                    BM: tl.constexpr, BD: tl.constexpr):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    rows = pid_m * BM + tl.arange(0, BM)
+    rmask = rows < Tq
+    dims = tl.arange(0, BD)
+    mask = rmask[:, None] & (dims < D)[None, :]
+    off = bh * Tq * D + rows[:, None] * D + dims[None, :]
+    o = tl.load(o_ptr + off, mask=mask, other=0.0).to(tl.float32)
+    do = tl.load(do_ptr + off, mask=mask, other=0.0).to(tl.float32)
+    w = tl.load(w_ptr + bh * Tq + rows, mask=rmask, other=0.0)
+    dw = tl.load(dw_ptr + bh * Tq + rows, mask=rmask, other=0.0).to(tl.float32)
+    dlse = tl.load(dlse_ptr + bh * Tq + rows, mask=rmask, other=0.0).to(tl.float32)
+    t = w * (1.0 - w) * dw
+    delta = tl.sum(o * do, 1) - (dlse - t)
+    tl.store(delta_ptr + bh * Tq + rows, delta, mask=rmask)
+    tl.store(ds0_ptr + bh * Tq + rows, t, mask=rmask)
+
+
+@triton.jit(do_not_specialize=_NO_SPEC)
+def _bwd_dkdv(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, kpm_ptr, dk_ptr, dv_ptr,
+              scale, H, Tq, Tk, D, HAS_MASK, CAUSAL,
+              PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
+    dtype = q_ptr.dtype.element_ty
+    pid_n = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    cols = pid_n * BN + tl.arange(0, BN)
+    cmask = cols < Tk
+    dims = tl.arange(0, BD)
+    dmask = dims < D
+    kv_off = bh.to(tl.int64) * Tk * D + cols[:, None] * D + dims[None, :]
+    kv_mask = cmask[:, None] & dmask[None, :]
+    k = tl.load(k_ptr + kv_off, mask=kv_mask, other=0.0)
+    v = tl.load(v_ptr + kv_off, mask=kv_mask, other=0.0)
+    colvalid = cmask
+    if HAS_MASK:
+        keep = tl.load(kpm_ptr + b * Tk + cols, mask=cmask, other=0)
+        colvalid = colvalid & (keep != 0)
+    q_base = q_ptr + bh.to(tl.int64) * Tq * D
+    do_base = do_ptr + bh.to(tl.int64) * Tq * D
+    stat_base = bh.to(tl.int64) * Tq
+    off = Tk - Tq
+    lo = 0
+    if CAUSAL:
+        lo = tl.maximum(pid_n * BN - off, 0) // BM * BM  # first query row that can see key pid_n * BN
+    dk = tl.zeros((BN, BD), tl.float32)
+    dv = tl.zeros((BN, BD), tl.float32)
+    for start_m in range(lo, Tq, BM):
+        rows = start_m + tl.arange(0, BM)
+        rmask = rows < Tq
+        t_mask = dmask[:, None] & rmask[None, :]
+        q_t = tl.load(q_base + rows[None, :] * D + dims[:, None], mask=t_mask, other=0.0)
+        s_t = tl.dot(k, q_t, input_precision=PREC) * scale  # (BN, BM) = sᵀ
+        lse = tl.load(lse_ptr + stat_base + rows, mask=rmask, other=0.0)
+        lse = tl.where(lse == float("-inf"), 0.0, lse)
+        valid = colvalid[:, None] & rmask[None, :]
+        if CAUSAL:
+            valid = valid & (cols[:, None] <= rows[None, :] + off)
+        p_t = tl.where(valid, tl.exp(tl.where(valid, s_t - lse[None, :], 0.0)), 0.0)
+        r_mask = rmask[:, None] & dmask[None, :]
+        do = tl.load(do_base + rows[:, None] * D + dims[None, :], mask=r_mask, other=0.0)
+        dv += tl.dot(p_t.to(dtype), do, input_precision=PREC)
+        do_t = tl.load(do_base + rows[None, :] * D + dims[:, None], mask=t_mask, other=0.0)
+        dp_t = tl.dot(v, do_t, input_precision=PREC)
+        delta = tl.load(delta_ptr + stat_base + rows, mask=rmask, other=0.0)
+        ds_t = p_t * (dp_t - delta[None, :])
+        q = tl.load(q_base + rows[:, None] * D + dims[None, :], mask=r_mask, other=0.0)
+        dk += tl.dot(ds_t.to(dtype), q, input_precision=PREC)
+    tl.store(dk_ptr + kv_off, (dk * scale).to(dtype), mask=kv_mask)
+    tl.store(dv_ptr + kv_off, dv.to(dtype), mask=kv_mask)
+
+
+@triton.jit(do_not_specialize=_NO_SPEC)
+def _bwd_dq(q_ptr, k_ptr, v_ptr, ak_ptr, aa_ptr, bk_ptr, bb_ptr, do_ptr, lse_ptr, delta_ptr, ds0_ptr, kpm_ptr,
+            dq_ptr, scale, H, Tq, Tk, D, MK, HAS_MASK, CAUSAL,
+            HAS_MLP: tl.constexpr, PREC: tl.constexpr,
+            BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BMK: tl.constexpr):
+    dtype = q_ptr.dtype.element_ty
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    head = bh % H
+    rows = pid_m * BM + tl.arange(0, BM)
+    rmask = rows < Tq
+    dims = tl.arange(0, BD)
+    dmask = dims < D
+    r_off = bh.to(tl.int64) * Tq * D + rows[:, None] * D + dims[None, :]
+    r_mask = rmask[:, None] & dmask[None, :]
+    q = tl.load(q_ptr + r_off, mask=r_mask, other=0.0)
+    do = tl.load(do_ptr + r_off, mask=r_mask, other=0.0)
+    stat_off = bh.to(tl.int64) * Tq + rows
+    lse = tl.load(lse_ptr + stat_off, mask=rmask, other=0.0)
+    lse = tl.where(lse == float("-inf"), 0.0, lse)
+    delta = tl.load(delta_ptr + stat_off, mask=rmask, other=0.0)
+    k_base = k_ptr + bh.to(tl.int64) * Tk * D
+    v_base = v_ptr + bh.to(tl.int64) * Tk * D
+    off = Tk - Tq
+    hi = Tk
+    if CAUSAL:
+        hi = tl.minimum(Tk, (pid_m + 1) * BM + off)
+    dq = tl.zeros((BM, BD), tl.float32)
+    for start_n in range(0, hi, BN):
+        cols = start_n + tl.arange(0, BN)
+        cmask = cols < Tk
+        t_mask = dmask[:, None] & cmask[None, :]
+        k_t = tl.load(k_base + cols[None, :] * D + dims[:, None], mask=t_mask, other=0.0)
+        s = tl.dot(q, k_t, input_precision=PREC) * scale
+        valid = cmask[None, :] & rmask[:, None]
+        if HAS_MASK:
+            keep = tl.load(kpm_ptr + b * Tk + cols, mask=cmask, other=0)
+            valid = valid & (keep != 0)[None, :]
+        if CAUSAL:
+            valid = valid & (cols[None, :] <= rows[:, None] + off)
+        p = tl.where(valid, tl.exp(tl.where(valid, s - lse[:, None], 0.0)), 0.0)
+        v_t = tl.load(v_base + cols[None, :] * D + dims[:, None], mask=t_mask, other=0.0)
+        dp = tl.dot(do, v_t, input_precision=PREC)
+        ds = p * (dp - delta[:, None])
+        k = tl.load(k_base + cols[:, None] * D + dims[None, :], mask=cmask[:, None] & dmask[None, :], other=0.0)
+        dq += tl.dot(ds.to(dtype), k, input_precision=PREC)
+    dq = dq * scale
+    # the inducer logit s0 = c⟨q, q + φ(q)⟩: ∂s0/∂q = c(2q + φ + ((q B_kᵀ) ⊙ (1 − h²)) A_kᵀ)
+    qf = q.to(tl.float32)
+    ds0 = tl.load(ds0_ptr + stat_off, mask=rmask, other=0.0)
+    if HAS_MLP:
+        phi, h = _key_mlp(q, ak_ptr, aa_ptr, bk_ptr, bb_ptr, head, D, MK, dims, dmask, PREC, BMK)
+        cm = tl.arange(0, BMK)
+        mm = cm < MK
+        bk_t = tl.load(bk_ptr + head * MK * D + cm[None, :] * D + dims[:, None], mask=dmask[:, None] & mm[None, :],
+                       other=0.0)
+        u = tl.dot(q, bk_t.to(dtype), input_precision=PREC) * (1.0 - h * h)
+        ak_t = tl.load(ak_ptr + head * D * MK + dims[None, :] * MK + cm[:, None], mask=mm[:, None] & dmask[None, :],
+                       other=0.0)
+        grad_s0 = 2.0 * qf + phi + tl.dot(u.to(dtype), ak_t.to(dtype), input_precision=PREC)
+    else:
+        grad_s0 = 2.0 * qf
+    dq += (scale * ds0)[:, None] * grad_s0
+    tl.store(dq_ptr + r_off, dq.to(dtype), mask=r_mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# host side
+
+def _empty(shape, *, device, dtype) -> torch.Tensor:
+    """Every output buffer comes from here (tests replace it with a NaN-poisoning allocator)."""
+    return torch.empty(shape, device=device, dtype=dtype)
+
+
+def _tiles(d: int, on_gpu: bool) -> tuple[int, int, int]:
+    """(BM, BN, num_warps). GPU tiles are FA2-typical and untuned; the interpreter (CPU) uses 16×16 so that
+    the tiny test shapes span several tiles in both directions."""
+    if not on_gpu:
+        return 16, 16, 4
+    if d <= 64:
+        return 64, 64, 4
+    return 64, 32, 4
+
+
+def _prec(x: torch.Tensor) -> str:
+    return "ieee" if x.dtype == torch.float32 else "tf32"
+
+
+def _mlp_args(q, A_k, a_k, B_k, b_k):
+    if A_k is None:
+        return q, q, q, q, 1, 16, False
+    mk = A_k.shape[2]
+    return A_k, a_k, B_k, b_k, mk, max(16, triton.next_power_of_2(mk)), True
+
+
+def inducer_attention_fwd(q, k, v, A_k, a_k, B_k, b_k, kpm, scale: float, causal: bool):
+    """(O (B, H, Tq, d) in q's dtype, LSE (B, H, Tq) fp32, w (B, H, Tq) fp32) for contiguous inputs;
+    kpm is an int8 (B, Tk) keep-mask or None."""
+    B, H, Tq, D = q.shape
+    Tk = k.shape[2]
+    o = _empty(q.shape, device=q.device, dtype=q.dtype)
+    lse = _empty((B, H, Tq), device=q.device, dtype=torch.float32)
+    w = _empty((B, H, Tq), device=q.device, dtype=torch.float32)
+    if B * H * Tq == 0:
+        return o, lse, w
+    bm, bn, warps = _tiles(D, q.is_cuda)
+    bd = max(16, triton.next_power_of_2(D))
+    a0, a1, a2, a3, mk, bmk, has_mlp = _mlp_args(q, A_k, a_k, B_k, b_k)
+    _fwd_kernel[(triton.cdiv(Tq, bm), B * H)](
+        q, k, v, a0, a1, a2, a3, kpm if kpm is not None else q, o, lse, w,
+        scale, H, Tq, Tk, D, mk, int(kpm is not None), int(causal),
+        HAS_MLP=has_mlp, PREC=_prec(q), BM=bm, BN=bn, BD=bd, BMK=bmk, num_warps=warps)
+    return o, lse, w
+
+
+def inducer_attention_bwd(q, k, v, A_k, a_k, B_k, b_k, kpm, o, lse, w, do, dlse, dw, scale: float, causal: bool):
+    """(dq, dk, dv, ∂L/∂s0 (B, H, Tq) fp32) for contiguous inputs and upstream gradients do, dlse, dw."""
+    B, H, Tq, D = q.shape
+    Tk = k.shape[2]
+    dq = _empty(q.shape, device=q.device, dtype=q.dtype)
+    dk = _empty(k.shape, device=k.device, dtype=k.dtype)
+    dv = _empty(v.shape, device=v.device, dtype=v.dtype)
+    delta = _empty((B, H, Tq), device=q.device, dtype=torch.float32)
+    ds0 = _empty((B, H, Tq), device=q.device, dtype=torch.float32)
+    if B * H == 0:
+        return dq, dk, dv, ds0
+    if Tq == 0:
+        dk.zero_()
+        dv.zero_()
+        return dq, dk, dv, ds0
+    bm, bn, warps = _tiles(D, q.is_cuda)
+    bd = max(16, triton.next_power_of_2(D))
+    a0, a1, a2, a3, mk, bmk, has_mlp = _mlp_args(q, A_k, a_k, B_k, b_k)
+    mask_arg = kpm if kpm is not None else q
+    prec = _prec(q)
+    _bwd_preprocess[(triton.cdiv(Tq, bm), B * H)](o, do, w, dw, dlse, delta, ds0, Tq, D, BM=bm, BD=bd,
+                                                  num_warps=warps)
+    if Tk > 0:
+        _bwd_dkdv[(triton.cdiv(Tk, bn), B * H)](
+            q, k, v, do, lse, delta, mask_arg, dk, dv, scale, H, Tq, Tk, D, int(kpm is not None), int(causal),
+            PREC=prec, BM=bm, BN=bn, BD=bd, num_warps=warps)
+    _bwd_dq[(triton.cdiv(Tq, bm), B * H)](
+        q, k, v, a0, a1, a2, a3, do, lse, delta, ds0, mask_arg, dq, scale, H, Tq, Tk, D, mk,
+        int(kpm is not None), int(causal),
+        HAS_MLP=has_mlp, PREC=prec, BM=bm, BN=bn, BD=bd, BMK=bmk, num_warps=warps)
+    return dq, dk, dv, ds0
