@@ -1,5 +1,10 @@
 """Ops: each file holds the reference (the truth), the custom op and the backend dispatch."""
 from kadapt.ops.fused_adapter import fused_adapter, fused_adapter_reference
+from kadapt.ops.inducer_attention import (
+    inducer_attention,
+    inducer_attention_concat_reference,
+    inducer_attention_reference,
+)
 from kadapt.ops.phm import phm_linear, phm_linear_reference, phm_weight, phm_weight_reference
 from kadapt.ops.weights import WEIGHT_KINDS, AdapterWeight
 
@@ -7,11 +12,8 @@ from kadapt.ops.weights import WEIGHT_KINDS, AdapterWeight
 bottleneck_adapter = fused_adapter
 bottleneck_adapter_reference = fused_adapter_reference
 
-__all__ = ["AdapterWeight", "WEIGHT_KINDS", "bottleneck_adapter", "bottleneck_adapter_reference", "fused_adapter",
-           "fused_adapter_reference", "phm_linear", "phm_linear_reference", "phm_weight", "phm_weight_reference"]
-
-# Inducer attention (METHODS.md §8, §12.1).
-from kadapt.ops.inducer_attention import (  # noqa: E402
-    inducer_attention, inducer_attention_concat_reference, inducer_attention_reference)
-
-__all__ += ["inducer_attention", "inducer_attention_concat_reference", "inducer_attention_reference"]
+__all__ = [
+    "WEIGHT_KINDS", "AdapterWeight", "bottleneck_adapter", "bottleneck_adapter_reference", "fused_adapter",
+    "fused_adapter_reference", "inducer_attention", "inducer_attention_concat_reference",
+    "inducer_attention_reference", "phm_linear", "phm_linear_reference", "phm_weight", "phm_weight_reference",
+]
