@@ -13,18 +13,21 @@ from kadapt.configs import (
     CompacterPlusPlusConfig,
     FullFinetuneConfig,
     KadaptConfig,
+    LoRAConfig,
     LowRankAdapterConfig,
+    ParallelAdapterConfig,
     PfeifferConfig,
     PHMAdapterConfig,
     preset,
 )
-from kadapt.patching import patch, unpatch
+from kadapt.patching import merge, patch, unpatch
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "patch", "unpatch", "trainable_parameters", "save_adapter", "load_adapter", "set_backend", "get_backend",
+    "patch", "unpatch", "merge", "trainable_parameters", "save_adapter", "load_adapter", "set_backend", "get_backend",
     "AdapterConfig", "PfeifferConfig", "LowRankAdapterConfig", "PHMAdapterConfig", "CompacterConfig",
-    "CompacterPlusPlusConfig", "BitFitConfig", "FullFinetuneConfig", "KadaptConfig", "METHODS", "PRESETS",
+    "CompacterPlusPlusConfig", "BitFitConfig", "FullFinetuneConfig", "LoRAConfig",
+    "ParallelAdapterConfig", "KadaptConfig", "METHODS", "PRESETS",
     "preset", "__version__",
 ]

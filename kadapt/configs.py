@@ -243,10 +243,105 @@ class FullFinetuneConfig(KadaptConfig):
     method: ClassVar[str] = "full_finetune"
 
 
+LORA_TARGETS = ("q", "k", "v", "o", "ffn_in", "ffn_out")
+
+
+def _check_dropout(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+        raise ValueError(f"{name}={value!r} must be a number in [0, 1)")
+
+
+@dataclass
+class LoRAConfig(KadaptConfig):
+    """Plain LoRA (METHODS.md §6): y ← y + s·(Drop_p(x) A B + b_L), s = alpha / r.
+
+    ``targets``: any of ``LORA_TARGETS``. "q"/"k"/"v" are the query/key/value projections (on GPT-2
+    the column slices [0:D], [D:2D], [2D:3D] of the fused ``c_attn``), "o" the attention output
+    projection, "ffn_in"/"ffn_out" the two FFN linears; on T5 every attention module (encoder self,
+    decoder self and cross) is targeted. ``lora_bias`` adds b_L (zero at init, scaled by s).
+    ``init``: "lora" (A kaiming√5, B = 0, output unchanged at init), "houlsby" (A, B, b_L tn01) or
+    "bert" (N(0, 0.02²)). Foldable into the weights with ``kadapt.merge``.
+    """
+
+    method: ClassVar[str] = "lora"
+    r: int = 8
+    alpha: float = 8.0
+    dropout: float = 0.0
+    targets: tuple[str, ...] = ("q", "v")
+    lora_bias: bool = False
+    init: str = "lora"
+
+    def __post_init__(self) -> None:
+        _check_int("r", self.r, 1)
+        _check_positive("alpha", self.alpha, " (s = alpha / r)")
+        _check_dropout("dropout", self.dropout)
+        if isinstance(self.targets, str) or not isinstance(self.targets, (list, tuple)) or not self.targets:
+            raise ValueError(f"targets={self.targets!r} must be a non-empty list of target names; allowed values: "
+                             f"{', '.join(map(repr, LORA_TARGETS))}")
+        for t in self.targets:
+            if t not in LORA_TARGETS:
+                raise ValueError(f"targets contains {t!r}; allowed values: {', '.join(map(repr, LORA_TARGETS))}")
+        if len(set(self.targets)) != len(self.targets):
+            raise ValueError(f"targets={self.targets!r} names a target twice; allowed values: "
+                             f"{', '.join(map(repr, LORA_TARGETS))}, each at most once")
+        self.targets = tuple(self.targets)  # JSON round trips give a list
+        _check_bool("lora_bias", self.lora_bias)
+        _check_choice("init", self.init, ("lora", "houlsby", "bert"))
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.r
+
+
+@dataclass
+class ParallelAdapterConfig(KadaptConfig):
+    """Parallel adapter (He et al.; METHODS.md §7): f ← f + s·(φ(LN_pre(x) W_d + b_d) W_u + b_u), x the
+    sub-layer input (``ffn_in``, or ``attn_in`` for placement "attn"), added at ``ffn_out`` / ``attn_out``
+    (GPT-2, T5: before the sub-layer dropout; RoBERTa/BERT: after it, before the residual LayerNorm).
+    Never on T5 cross-attention.
+
+    ``reduction_factor`` (m = int(D // rf)) or ``bottleneck_dim``; ``scale`` s (``learnable_scale``: s
+    is a trained scalar initialised to ``scale``); ``init`` "lora" (W_d kaiming√5, W_u = 0, biases 0:
+    output unchanged at init) or "torch_default"; ``dropout`` on the bottleneck activation.
+    """
+
+    method: ClassVar[str] = "parallel_adapter"
+    bottleneck_dim: int | None = None
+    reduction_factor: float = 32
+    scale: float = 2.0
+    learnable_scale: bool = False
+    ln_pre: bool = False
+    activation: str = "relu"
+    init: str = "lora"
+    placement: str = "ffn"
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.bottleneck_dim is not None:
+            _check_int("bottleneck_dim", self.bottleneck_dim, 1)
+        _check_positive("reduction_factor", self.reduction_factor, " (m = int(D // reduction_factor))")
+        _check_positive("scale", self.scale)
+        _check_bool("learnable_scale", self.learnable_scale)
+        _check_bool("ln_pre", self.ln_pre)
+        _check_choice("activation", self.activation, ACTIVATIONS)
+        _check_choice("init", self.init, ("lora", "torch_default"))
+        _check_choice("placement", self.placement, PLACEMENTS)
+        _check_dropout("dropout", self.dropout)
+
+    def bottleneck_size(self, hidden_size: int) -> int:
+        m = self.bottleneck_dim if self.bottleneck_dim is not None else int(hidden_size // self.reduction_factor)
+        if m < 1:
+            raise ValueError(
+                f"reduction_factor={self.reduction_factor!r} gives a bottleneck of {m} on hidden size "
+                f"{hidden_size}; allowed: 0 < reduction_factor <= {hidden_size}"
+            )
+        return m
+
+
 METHODS: dict[str, type[KadaptConfig]] = {
     cls.method: cls
     for cls in (AdapterConfig, PfeifferConfig, LowRankAdapterConfig, PHMAdapterConfig, CompacterConfig,
-                CompacterPlusPlusConfig, BitFitConfig, FullFinetuneConfig)
+                CompacterPlusPlusConfig, BitFitConfig, FullFinetuneConfig, LoRAConfig, ParallelAdapterConfig)
 }
 
 _PRESETS: dict[str, Any] = {

@@ -59,6 +59,8 @@ def tiny_configs() -> dict[str, kadapt.KadaptConfig]:
         "compacter++": kadapt.CompacterPlusPlusConfig(bottleneck_dim=8),
         "bitfit": kadapt.BitFitConfig(),
         "full_finetune": kadapt.FullFinetuneConfig(),
+        "lora": kadapt.LoRAConfig(r=4, targets=("q", "v", "ffn_out"), lora_bias=True),
+        "parallel_adapter": kadapt.ParallelAdapterConfig(bottleneck_dim=8),
     }
 
 

@@ -8,14 +8,18 @@ the model is touched; a failure while attaching rolls back, leaving the model as
 from __future__ import annotations
 
 import copy
+import functools
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from kadapt.configs import BitFitConfig, BottleneckConfig, CompacterConfig, FullFinetuneConfig, KadaptConfig
+from kadapt.configs import (BitFitConfig, BottleneckConfig, CompacterConfig, FullFinetuneConfig, KadaptConfig,
+                            LoRAConfig, ParallelAdapterConfig)
 from kadapt.methods.bottleneck import PHMRule, build_adapter, compacter_rule, validate_bottleneck
-from kadapt.patching.base import Backbone, BiasSite, Site
+from kadapt.methods.lora import LoRA, build_lora
+from kadapt.methods.parallel import ParallelAdapter
+from kadapt.patching.base import Backbone, BiasSite, LinearSite, ParallelSite, Site
 from kadapt.patching.gpt2 import GPT2Backbone
 from kadapt.patching.roberta import RobertaBackbone
 from kadapt.patching.t5 import T5Backbone
@@ -26,6 +30,9 @@ SUPPORTED_MODEL_TYPES = tuple(t for b in BACKBONES for t in b.model_types)
 RECORD_ATTR = "_kadapt_record"
 ADAPTER_ATTR = "kadapt_adapter"
 SHARED_RULE_ATTR = "kadapt_phm_rule"
+LORA_ATTR = "kadapt_lora"
+PARALLEL_ATTR = "kadapt_parallel"
+MERGEABLE = (LoRAConfig,)  # linear methods kadapt.merge folds into the weights
 
 
 def _adapter_hook(module: nn.Module, args, output):
@@ -34,6 +41,18 @@ def _adapter_hook(module: nn.Module, args, output):
 
 def _bias_hook(module: nn.Module, args, output):
     return output + module.bias
+
+
+def _lora_hook(module: nn.Module, args, output):
+    return getattr(module, LORA_ATTR)(args[0], output)
+
+
+def _parallel_stash_hook(adapter: ParallelAdapter, module: nn.Module, args):
+    adapter.stash(args[0])
+
+
+def _parallel_hook(module: nn.Module, args, output):
+    return getattr(module, PARALLEL_ATTR)(output)
 
 
 @dataclass
@@ -111,6 +130,8 @@ class _Plan:
         self.shared_rule: PHMRule | None = None
         self.bias_sites: list[BiasSite] = []
         self.train_existing: list[nn.Parameter] = []
+        self.lora: list[tuple[LinearSite, LoRA]] = []
+        self.parallel: list[tuple[ParallelSite, ParallelAdapter]] = []
 
 
 def _plan(model: nn.Module, backbone: Backbone, config: KadaptConfig) -> _Plan:
@@ -134,6 +155,19 @@ def _plan(model: nn.Module, backbone: Backbone, config: KadaptConfig) -> _Plan:
             plan.train_existing += biases
     elif isinstance(config, FullFinetuneConfig):
         plan.train_existing += list(model.parameters())
+    elif isinstance(config, LoRAConfig):
+        for site in backbone.linear_sites(config.targets):
+            lora = build_lora(site.in_features, site.out_features, site.weight_layout, site.slices, config,
+                              _factory(site.module.weight))
+            plan.lora.append((site, lora.train(site.module.training)))  # dropout follows the host's mode
+    elif isinstance(config, ParallelAdapterConfig):
+        dim = backbone.hidden_size
+        m = config.bottleneck_size(dim)
+        kinds = ("attn", "ffn") if config.placement == "both" else (config.placement,)
+        for site in backbone.parallel_sites():
+            if site.kind in kinds:
+                adapter = ParallelAdapter(dim, m, config, _factory(site.ref_weight))
+                plan.parallel.append((site, adapter.train(site.target.training)))
     else:
         raise ValueError(f"config: {type(config).__name__} is not supported by this version of kadapt.patch")
     plan.train_existing += heads
@@ -175,6 +209,15 @@ def patch(model: nn.Module, config: KadaptConfig) -> nn.Module:
             site.target.add_module(ADAPTER_ATTR, adapter)
             record.added_modules.append((site.target, ADAPTER_ATTR))
             record.hooks.append(site.target.register_forward_hook(_adapter_hook))
+        for site, lora in plan.lora:
+            site.module.add_module(LORA_ATTR, lora)
+            record.added_modules.append((site.module, LORA_ATTR))
+            record.hooks.append(site.module.register_forward_hook(_lora_hook))
+        for site, adapter in plan.parallel:
+            site.target.add_module(PARALLEL_ATTR, adapter)
+            record.added_modules.append((site.target, PARALLEL_ATTR))
+            record.hooks.append(site.source.register_forward_pre_hook(functools.partial(_parallel_stash_hook, adapter)))
+            record.hooks.append(site.target.register_forward_hook(_parallel_hook))
         for bs in plan.bias_sites:
             ref = bs.module.weight
             existed = "bias" in bs.module._parameters
@@ -224,4 +267,36 @@ def unpatch(model: nn.Module) -> nn.Module:
     if record is None:
         raise ValueError("model is not patched by kadapt (nothing to unpatch)")
     _restore(model, record)
+    return model
+
+
+def merge(model: nn.Module) -> nn.Module:
+    """Fold a linear method (LoRA) into the frozen weights and take the method out.
+
+    W ← W + s·A B and b ← b + s·b_L, accumulated in fp32 and written back in the weight's dtype; a
+    bias-free linear (T5) gets a bias parameter when ``lora_bias=True``. The LoRA modules and hooks
+    are removed and the requires_grad flags restored, as by ``unpatch``, but trained task heads keep
+    their trained values. Afterwards the model is no longer patched (``unpatch`` raises) and
+    computes the same function (up to rounding; exactly so in eval mode, where dropout is off).
+    """
+    record = get_record(model)
+    if record is None:
+        raise ValueError("model is not patched by kadapt (nothing to merge)")
+    if not isinstance(record.config, MERGEABLE):
+        raise ValueError(f"model is patched with method {record.config.method!r} ({type(record.config).__name__}), "
+                         f"which cannot be merged into the weights; mergeable methods: "
+                         f"{', '.join(repr(c.method) for c in MERGEABLE)}")
+    known = {id(p) for p, _ in record.requires_grad}
+    folded = []
+    for owner, name in record.added_modules:
+        lora = owner._modules.get(name)
+        if isinstance(lora, LoRA):
+            lora.fold(owner)
+            folded.append(owner)
+    record.snapshots = []  # merge keeps what was trained (task heads)
+    _restore(model, record)
+    for linear in folded:  # a bias merge created follows its weight's restored flag
+        bias = getattr(linear, "bias", None)
+        if bias is not None and id(bias) not in known:
+            bias.requires_grad_(linear.weight.requires_grad)
     return model

@@ -27,6 +27,37 @@ class Site:
 
 
 @dataclass
+class LinearSite:
+    """A linear map a method may correct (LoRA): ``module``'s forward input is x and its output y.
+
+    ``slices``: target name -> output columns [start, stop) that target owns (one linear can serve
+    several targets, e.g. GPT-2's fused ``c_attn``). ``weight_layout``: "in_out" (Conv1D) or "out_in"
+    (nn.Linear).
+    """
+
+    stack: str
+    block: int
+    module: nn.Module
+    in_features: int
+    out_features: int
+    weight_layout: str
+    slices: dict[str, tuple[int, int]]
+
+
+@dataclass
+class ParallelSite:
+    """A parallel-adapter site: ``source``'s forward input (args[0]) is the sub-layer input x, and
+    ``target``'s forward output is f at the addition site (METHODS.md §1)."""
+
+    stack: str
+    block: int
+    kind: str
+    source: nn.Module
+    target: nn.Module
+    ref_weight: torch.Tensor
+
+
+@dataclass
 class BiasSite:
     """BitFit on a family without biases: ``module`` gets a zero bias of ``size``.
 
@@ -61,6 +92,14 @@ class Backbone:
         never T5 cross-attention), in model order."""
         raise NotImplementedError
 
+    def linear_sites(self, targets: tuple[str, ...]) -> list[LinearSite]:
+        """LoRA: the linears serving ``targets`` ("q", "k", "v", "o", "ffn_in", "ffn_out"), in model order."""
+        raise NotImplementedError
+
+    def parallel_sites(self) -> list[ParallelSite]:
+        """Parallel adapters: attn_in → attn_out and ffn_in → ffn_out of every block (never T5 cross-attention)."""
+        raise NotImplementedError
+
     def _body(self) -> list[nn.Module]:
         """The modules the method trains in (not pretrained or task heads)."""
         raise NotImplementedError
@@ -84,6 +123,16 @@ class Backbone:
             if isinstance(mod, nn.Module):
                 heads.append(mod)
         return heads
+
+
+def linear_site(stack: str, block: int, module: nn.Module, slices: dict[str, tuple[int, int]] | None = None,
+                name: str = "") -> LinearSite:
+    """A LinearSite for an nn.Linear or a GPT-2 Conv1D (weight stored (in, out))."""
+    if isinstance(module, nn.Linear):
+        i, o, layout = module.in_features, module.out_features, "out_in"
+    else:
+        (i, o), layout = module.weight.shape, "in_out"
+    return LinearSite(stack, block, module, i, o, layout, slices if slices is not None else {name: (0, o)})
 
 
 def find_modules(root: nn.Module, class_names: tuple[str, ...]) -> list[nn.Module]:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from kadapt.patching.base import Backbone, Site, single_root
+from kadapt.patching.base import Backbone, LinearSite, ParallelSite, Site, linear_site, single_root
 
 
 class GPT2Backbone(Backbone):
@@ -26,6 +26,28 @@ class GPT2Backbone(Backbone):
         for i, block in enumerate(self.root.h):
             sites.append(Site("decoder", i, "attn", block.attn.c_proj, block.attn.c_proj.weight))
             sites.append(Site("decoder", i, "ffn", block.mlp.c_proj, block.mlp.c_proj.weight))
+        return sites
+
+    def linear_sites(self, targets: tuple[str, ...]) -> list[LinearSite]:
+        d = self.hidden_size
+        qkv = {"q": (0, d), "k": (d, 2 * d), "v": (2 * d, 3 * d)}  # column slices of the fused c_attn
+        sites = []
+        for i, block in enumerate(self.root.h):
+            fused = {t: qkv[t] for t in ("q", "k", "v") if t in targets}
+            if fused:
+                sites.append(linear_site("decoder", i, block.attn.c_attn, fused))
+            for name, mod in (("o", block.attn.c_proj), ("ffn_in", block.mlp.c_fc), ("ffn_out", block.mlp.c_proj)):
+                if name in targets:
+                    sites.append(linear_site("decoder", i, mod, name=name))
+        return sites
+
+    def parallel_sites(self) -> list[ParallelSite]:
+        # x = ln_1(h) / ln_2(h) is the input of c_attn / c_fc; f is added before the resid dropout.
+        sites = []
+        for i, block in enumerate(self.root.h):
+            attn, mlp = block.attn, block.mlp
+            sites.append(ParallelSite("decoder", i, "attn", attn.c_attn, attn.c_proj, attn.c_proj.weight))
+            sites.append(ParallelSite("decoder", i, "ffn", mlp.c_fc, mlp.c_proj, mlp.c_proj.weight))
         return sites
 
     def _body(self) -> list[nn.Module]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from kadapt.patching.base import Backbone, Site, single_root
+from kadapt.patching.base import Backbone, LinearSite, ParallelSite, Site, linear_site, single_root
 
 
 class RobertaBackbone(Backbone):
@@ -29,6 +29,29 @@ class RobertaBackbone(Backbone):
             attn_out, ffn_out = layer.attention.output, layer.output
             sites.append(Site("encoder", i, "attn", attn_out.dropout, attn_out.dense.weight))
             sites.append(Site("encoder", i, "ffn", ffn_out.dropout, ffn_out.dense.weight))
+        return sites
+
+    def linear_sites(self, targets: tuple[str, ...]) -> list[LinearSite]:
+        sites = []
+        for i, layer in enumerate(self.root.encoder.layer):
+            att = layer.attention
+            for name, mod in (("q", att.self.query), ("k", att.self.key), ("v", att.self.value),
+                              ("o", att.output.dense), ("ffn_in", layer.intermediate.dense),
+                              ("ffn_out", layer.output.dense)):
+                if name in targets:
+                    sites.append(linear_site("encoder", i, mod, name=name))
+        return sites
+
+    def parallel_sites(self) -> list[ParallelSite]:
+        # x = h (the query projection's input) / the attention block output (the intermediate dense's
+        # input); the term is added after the sub-layer dropout, before the residual LayerNorm (He et al.).
+        sites = []
+        for i, layer in enumerate(self.root.encoder.layer):
+            attn_out, ffn_out = layer.attention.output, layer.output
+            sites.append(ParallelSite("encoder", i, "attn", layer.attention.self.query, attn_out.dropout,
+                                      attn_out.dense.weight))
+            sites.append(ParallelSite("encoder", i, "ffn", layer.intermediate.dense, ffn_out.dropout,
+                                      ffn_out.dense.weight))
         return sites
 
     def _body(self) -> list[nn.Module]:

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from kadapt.patching.base import SUPPORTED, Backbone, BiasSite, Site, find_modules
+from kadapt.patching.base import (SUPPORTED, Backbone, BiasSite, LinearSite, ParallelSite, Site, find_modules,
+                                  linear_site)
 
 
 class T5Backbone(Backbone):
@@ -36,6 +37,36 @@ class T5Backbone(Backbone):
                 ffn = block.layer[-1].DenseReluDense
                 sites.append(Site(name, i, "attn", attn.o, attn.o.weight))
                 sites.append(Site(name, i, "ffn", ffn, ffn.wo.weight))
+        return sites
+
+    def linear_sites(self, targets: tuple[str, ...]) -> list[LinearSite]:
+        # Every attention module: encoder self, decoder self and cross (METHODS.md §1, PEFT convention).
+        sites = []
+        for name, stack in self.stack_modules.items():
+            for i, block in enumerate(stack.block):
+                for layer in block.layer:
+                    attn = getattr(layer, "SelfAttention", None) or getattr(layer, "EncDecAttention", None)
+                    ffn = getattr(layer, "DenseReluDense", None)
+                    if attn is not None:
+                        for t in ("q", "k", "v", "o"):
+                            if t in targets:
+                                sites.append(linear_site(name, i, getattr(attn, t), name=t))
+                    if ffn is not None:
+                        wis = [getattr(ffn, n) for n in ("wi", "wi_0", "wi_1") if hasattr(ffn, n)]
+                        mods = [("ffn_in", w) for w in wis] + [("ffn_out", ffn.wo)]
+                        sites += [linear_site(name, i, mod, name=t) for t, mod in mods if t in targets]
+        return sites
+
+    def parallel_sites(self) -> list[ParallelSite]:
+        # x = LN(h) is the input of the self-attention's q / of DenseReluDense; f (o's output / the
+        # DenseReluDense output) is taken before the sub-layer dropout. No cross-attention.
+        sites = []
+        for name, stack in self.stack_modules.items():
+            for i, block in enumerate(stack.block):
+                attn = block.layer[0].SelfAttention
+                ffn = block.layer[-1].DenseReluDense
+                sites.append(ParallelSite(name, i, "attn", attn.q, attn.o, attn.o.weight))
+                sites.append(ParallelSite(name, i, "ffn", ffn, ffn, ffn.wo.weight))
         return sites
 
     def layer_norms(self) -> list[nn.Module]:
