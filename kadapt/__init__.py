@@ -13,6 +13,7 @@ from kadapt.configs import (
     CompacterPlusPlusConfig,
     FullFinetuneConfig,
     KadaptConfig,
+    KernelMixConfig,
     LoRAConfig,
     LowRankAdapterConfig,
     ParallelAdapterConfig,
@@ -28,6 +29,6 @@ __all__ = [
     "patch", "unpatch", "merge", "trainable_parameters", "save_adapter", "load_adapter", "set_backend", "get_backend",
     "AdapterConfig", "PfeifferConfig", "LowRankAdapterConfig", "PHMAdapterConfig", "CompacterConfig",
     "CompacterPlusPlusConfig", "BitFitConfig", "FullFinetuneConfig", "LoRAConfig",
-    "ParallelAdapterConfig", "KadaptConfig", "METHODS", "PRESETS",
+    "ParallelAdapterConfig", "KernelMixConfig", "KadaptConfig", "METHODS", "PRESETS",
     "preset", "__version__",
 ]

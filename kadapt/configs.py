@@ -338,10 +338,49 @@ class ParallelAdapterConfig(KadaptConfig):
         return m
 
 
+@dataclass
+class KernelMixConfig(KadaptConfig):
+    """Kernel-mix (METHODS.md §6; arXiv 2205.03720): head-wise and shared LoRA on Q, V and O of every
+    self-attention layer (T5: encoder self and decoder self; cross-attention with ``cross_attention=True``).
+
+    Q: ΔQ_h = δ(X) A^Q_h B^Q_h + b^Q_h (rank ``r_q``) and ΔQ += δ(X) A^Qs B^Qs (rank ``r_qs``).
+    V: ΔV_h = δ(K_h) A^V_h B^V_h + b^V_h, K_h head h's projected key (rank ``r_v``), and ΔV += δ(X) A^Vs B^Vs
+    (rank ``r_vs``). O (input o = merged heads): ΔO = Σ_h δ(o^h) A^O_h B^O_[h] + b^O (rank ``r_v``) and
+    ΔO += δ(o) A^Os B^Os (rank ``r_vs``), added at ``attn_out`` before the sub-layer dropout.
+    Head-wise terms (biases included) are scaled by ``scale_head``, shared ones by ``scale_shared``.
+    A rank of 0 disables its part. ``dropout`` p: an independent mask per part on each base input.
+    ``init``: "houlsby" (every A, B, b tn01) or "lora" (A kaiming√5, B and b zero: output unchanged at
+    init). Defaults: the GPT-2 NLG ``kernel-mix`` preset ranks (§9). Foldable with ``kadapt.merge``.
+    """
+
+    method: ClassVar[str] = "kernel_mix"
+    r_q: int = 3
+    r_qs: int = 12
+    r_v: int = 8
+    r_vs: int = 8
+    scale_head: float = 1.0
+    scale_shared: float = 1.0
+    dropout: float = 0.1
+    init: str = "houlsby"
+    cross_attention: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("r_q", "r_qs", "r_v", "r_vs"):
+            _check_int(name, getattr(self, name), 0)
+        if not any((self.r_q, self.r_qs, self.r_v, self.r_vs)):
+            raise ValueError("r_q, r_qs, r_v, r_vs are all 0: nothing would train; at least one rank must be >= 1")
+        _check_positive("scale_head", self.scale_head)
+        _check_positive("scale_shared", self.scale_shared)
+        _check_dropout("dropout", self.dropout)
+        _check_choice("init", self.init, ("houlsby", "lora"))
+        _check_bool("cross_attention", self.cross_attention)
+
+
 METHODS: dict[str, type[KadaptConfig]] = {
     cls.method: cls
     for cls in (AdapterConfig, PfeifferConfig, LowRankAdapterConfig, PHMAdapterConfig, CompacterConfig,
-                CompacterPlusPlusConfig, BitFitConfig, FullFinetuneConfig, LoRAConfig, ParallelAdapterConfig)
+                CompacterPlusPlusConfig, BitFitConfig, FullFinetuneConfig, LoRAConfig, ParallelAdapterConfig,
+                KernelMixConfig)
 }
 
 _PRESETS: dict[str, Any] = {
@@ -358,6 +397,11 @@ _PRESETS: dict[str, Any] = {
     "kernel_adapters.nlg.pfeiffer-adapter": lambda: PfeifferConfig(
         placement="attn", reduction_factor=7.11, ln_pre=True, activation="relu", init="torch_default",
         unfreeze_layer_norms=False),
+    # METHODS.md §9: kernel-adapters kernel-mix, GPT-2 NLG (kernel-mix.json) and RoBERTa NLU (intended ranks).
+    "kernel_adapters.nlg.kernel-mix": lambda: KernelMixConfig(r_q=3, r_qs=12, r_v=8, r_vs=8, dropout=0.1,
+                                                              init="houlsby"),
+    "kernel_adapters.nlu.kernel-mix": lambda: KernelMixConfig(r_q=1, r_qs=2, r_v=2, r_vs=4, dropout=0.1,
+                                                              init="houlsby"),
 }
 PRESETS: tuple[str, ...] = tuple(_PRESETS)
 

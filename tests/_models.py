@@ -61,6 +61,7 @@ def tiny_configs() -> dict[str, kadapt.KadaptConfig]:
         "full_finetune": kadapt.FullFinetuneConfig(),
         "lora": kadapt.LoRAConfig(r=4, targets=("q", "v", "ffn_out"), lora_bias=True),
         "parallel_adapter": kadapt.ParallelAdapterConfig(bottleneck_dim=8),
+        "kernel_mix": kadapt.KernelMixConfig(r_q=2, r_qs=4, r_v=2, r_vs=4),
     }
 
 

@@ -290,10 +290,10 @@ CONFIG_CASES = {
     "learn_phm": (lambda: kadapt.PHMAdapterConfig(learn_phm="no"), r"learn_phm='no' must be a bool \(True or False\)"),
     "bitfit_compat": (lambda: kadapt.BitFitConfig(compat_bitfit_skip_final_ln="yes"),
                       r"compat_bitfit_skip_final_ln='yes' must be a bool \(True or False\)"),
-    "from_dict_method": (lambda: KadaptConfig.from_dict({"method": "kernel_mix"}),
-                         r"method='kernel_mix' is not allowed; allowed values: 'adapter', 'bitfit', 'compacter', "
-                         r"'compacter\+\+', 'full_finetune', 'lora', 'low_rank_adapter', 'parallel_adapter', "
-                         r"'pfeiffer', 'phm_adapter'$"),
+    "from_dict_method": (lambda: KadaptConfig.from_dict({"method": "inducer"}),
+                         r"method='inducer' is not allowed; allowed values: 'adapter', 'bitfit', 'compacter', "
+                         r"'compacter\+\+', 'full_finetune', 'kernel_mix', 'lora', 'low_rank_adapter', "
+                         r"'parallel_adapter', 'pfeiffer', 'phm_adapter'$"),
     "from_dict_field": (lambda: KadaptConfig.from_dict({"method": "bitfit", "rank": 2}),
                         r"unknown field\(s\) \['rank'\] for method 'bitfit'; allowed fields: "
                         r"\['compat_bitfit_skip_final_ln'\]$"),
@@ -585,8 +585,8 @@ def test_load_config_json_not_an_object(tmp_path):
 
 @pytest.mark.parametrize("edit, match", [
     (lambda m: m.update(format_version=2), r"adapter_config\.json: format_version=2; this kadapt reads: 1$"),
-    (lambda m: m["config"].update(method="kernel_mix"),
-     r"method='kernel_mix' is not allowed; allowed values: 'adapter', "),
+    (lambda m: m["config"].update(method="inducer"),
+     r"method='inducer' is not allowed; allowed values: 'adapter', "),
     (lambda m: m["config"].update(rank=3), r"unknown field\(s\) \['rank'\] for method 'adapter'; allowed fields: \["),
     (lambda m: m["config"].update(reduction_factor=0), r"reduction_factor=0 must be a finite number > 0"),
     (lambda m: m["config"].update(bottleneck_dim=None, reduction_factor=1000),

@@ -266,7 +266,7 @@ def test_merge_refuses_non_linear_methods(config):
     model = tiny("gpt2")
     kadapt.patch(model, config)
     with pytest.raises(ValueError, match=rf"patched with method '{config.method}' .* cannot be merged into the "
-                                         r"weights; mergeable methods: 'lora'$"):
+                                         r"weights; mergeable methods: 'lora', 'kernel_mix'$"):
         kadapt.merge(model)
     assert is_patched(model)  # unchanged
     kadapt.unpatch(model)

@@ -15,11 +15,12 @@ import torch
 from torch import nn
 
 from kadapt.configs import (BitFitConfig, BottleneckConfig, CompacterConfig, FullFinetuneConfig, KadaptConfig,
-                            LoRAConfig, ParallelAdapterConfig)
+                            KernelMixConfig, LoRAConfig, ParallelAdapterConfig)
 from kadapt.methods.bottleneck import PHMRule, build_adapter, compacter_rule, validate_bottleneck
+from kadapt.methods.kernel_mix import KernelMix
 from kadapt.methods.lora import LoRA, build_lora
 from kadapt.methods.parallel import ParallelAdapter
-from kadapt.patching.base import Backbone, BiasSite, LinearSite, ParallelSite, Site
+from kadapt.patching.base import Backbone, BiasSite, KernelMixSite, LinearSite, ParallelSite, Site
 from kadapt.patching.gpt2 import GPT2Backbone
 from kadapt.patching.roberta import RobertaBackbone
 from kadapt.patching.t5 import T5Backbone
@@ -32,7 +33,8 @@ ADAPTER_ATTR = "kadapt_adapter"
 SHARED_RULE_ATTR = "kadapt_phm_rule"
 LORA_ATTR = "kadapt_lora"
 PARALLEL_ATTR = "kadapt_parallel"
-MERGEABLE = (LoRAConfig,)  # linear methods kadapt.merge folds into the weights
+KERNEL_MIX_ATTR = "kadapt_kernel_mix"
+MERGEABLE = (LoRAConfig, KernelMixConfig)  # linear methods kadapt.merge folds into the weights
 
 
 def _adapter_hook(module: nn.Module, args, output):
@@ -53,6 +55,33 @@ def _parallel_stash_hook(adapter: ParallelAdapter, module: nn.Module, args):
 
 def _parallel_hook(module: nn.Module, args, output):
     return getattr(module, PARALLEL_ATTR)(output)
+
+
+def _km_fused_hook(km: KernelMix, qs: tuple, ks: tuple, vs: tuple, module: nn.Module, args, output):
+    """GPT-2 c_attn: Q and V corrected from one forward; K_h for ΔV is the K slice of the same output."""
+    x = args[0]
+    q, k, v = output[..., qs[0]:qs[1]], output[..., ks[0]:ks[1]], output[..., vs[0]:vs[1]]
+    if km.has_q:
+        q = q + km.delta_q(x).to(q.dtype)
+    if km.has_v:
+        v = v + km.delta_v(k, x).to(v.dtype)
+    return torch.cat([q, k, v], dim=-1)
+
+
+def _km_q_hook(km: KernelMix, module: nn.Module, args, output):
+    return output + km.delta_q(args[0]).to(output.dtype)
+
+
+def _km_k_hook(km: KernelMix, module: nn.Module, args, output):
+    km.stash_key(output)  # the value projection runs next (RoBERTa/BERT, T5) and takes it
+
+
+def _km_v_hook(km: KernelMix, module: nn.Module, args, output):
+    return output + km.delta_v(km.pop_key(), args[0]).to(output.dtype)
+
+
+def _km_o_hook(km: KernelMix, module: nn.Module, args, output):
+    return output + km.delta_o(args[0]).to(output.dtype)
 
 
 @dataclass
@@ -132,6 +161,7 @@ class _Plan:
         self.train_existing: list[nn.Parameter] = []
         self.lora: list[tuple[LinearSite, LoRA]] = []
         self.parallel: list[tuple[ParallelSite, ParallelAdapter]] = []
+        self.kernel_mix: list[tuple[KernelMixSite, KernelMix]] = []
 
 
 def _plan(model: nn.Module, backbone: Backbone, config: KadaptConfig) -> _Plan:
@@ -168,6 +198,11 @@ def _plan(model: nn.Module, backbone: Backbone, config: KadaptConfig) -> _Plan:
             if site.kind in kinds:
                 adapter = ParallelAdapter(dim, m, config, _factory(site.ref_weight))
                 plan.parallel.append((site, adapter.train(site.target.training)))
+    elif isinstance(config, KernelMixConfig):
+        for site in backbone.kernel_mix_sites(config.cross_attention):
+            weight = site.q[0].weight
+            km = KernelMix(backbone.hidden_size, site.heads, site.head_dim, config, _factory(weight))
+            plan.kernel_mix.append((site, km.train(site.owner.training)))  # dropout follows the host's mode
     else:
         raise ValueError(f"config: {type(config).__name__} is not supported by this version of kadapt.patch")
     plan.train_existing += heads
@@ -218,6 +253,22 @@ def patch(model: nn.Module, config: KadaptConfig) -> nn.Module:
             record.added_modules.append((site.target, PARALLEL_ATTR))
             record.hooks.append(site.source.register_forward_pre_hook(functools.partial(_parallel_stash_hook, adapter)))
             record.hooks.append(site.target.register_forward_hook(_parallel_hook))
+        for site, km in plan.kernel_mix:
+            site.owner.add_module(KERNEL_MIX_ATTR, km)
+            record.added_modules.append((site.owner, KERNEL_MIX_ATTR))
+            if site.fused:
+                if km.has_q or km.has_v:
+                    hook = functools.partial(_km_fused_hook, km, site.q[1], site.k[1], site.v[1])
+                    record.hooks.append(site.q[0].register_forward_hook(hook))
+            else:
+                if km.has_q:
+                    record.hooks.append(site.q[0].register_forward_hook(functools.partial(_km_q_hook, km)))
+                if km.r_v:
+                    record.hooks.append(site.k[0].register_forward_hook(functools.partial(_km_k_hook, km)))
+                if km.has_v:
+                    record.hooks.append(site.v[0].register_forward_hook(functools.partial(_km_v_hook, km)))
+            if km.has_v:
+                record.hooks.append(site.o[0].register_forward_hook(functools.partial(_km_o_hook, km)))
         for bs in plan.bias_sites:
             ref = bs.module.weight
             existed = "bias" in bs.module._parameters
@@ -270,8 +321,54 @@ def unpatch(model: nn.Module) -> nn.Module:
     return model
 
 
+def _x_weight(linear: nn.Module, cols: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Weight (in, stop - start) in the x·W convention and bias of the output columns ``cols``."""
+    a, b = cols
+    w = linear.weight[a:b, :].t() if isinstance(linear, nn.Linear) else linear.weight[:, a:b]
+    bias = getattr(linear, "bias", None)
+    return w, (bias[a:b] if bias is not None else None)
+
+
+@torch.no_grad()
+def _fold_into(linear: nn.Module, cols: tuple[int, int], dw: torch.Tensor, db: torch.Tensor | None) -> None:
+    """W[:, cols] += ΔW and b[cols] += Δb on ``linear`` (fp32 accumulation; a missing bias is created)."""
+    a, b = cols
+    weight = linear.weight
+    merged = weight.detach().float()
+    if isinstance(linear, nn.Linear):
+        merged[a:b, :] += dw.t()
+    else:
+        merged[:, a:b] += dw
+    weight.copy_(merged.to(weight.dtype))
+    if db is None:
+        return
+    if getattr(linear, "bias", None) is None:
+        out = weight.shape[0] if isinstance(linear, nn.Linear) else weight.shape[1]
+        linear.register_parameter("bias", nn.Parameter(torch.zeros(out, device=weight.device, dtype=weight.dtype),
+                                                       requires_grad=weight.requires_grad))
+    bias = linear.bias.detach().float()
+    bias[a:b] += db
+    linear.bias.copy_(bias.to(linear.bias.dtype))
+
+
+def _fold_kernel_mix(km: KernelMix, site: KernelMixSite) -> list[nn.Module]:
+    """The §6 kernel-mix merge into the q, v and o projections of ``site``; returns the linears touched."""
+    w_k, b_k = _x_weight(*site.k)
+    deltas = km.merged_deltas(w_k, b_k)  # computed before any write
+    touched = []
+    for part, (dw, db) in deltas.items():
+        linear, cols = getattr(site, part)
+        _fold_into(linear, cols, dw, db)
+        touched.append(linear)
+    return touched
+
+
 def merge(model: nn.Module) -> nn.Module:
-    """Fold a linear method (LoRA) into the frozen weights and take the method out.
+    """Fold a linear method (LoRA, kernel-mix) into the frozen weights and take the method out.
+
+    Kernel-mix uses the METHODS.md §6 merge formulas (ΔW_Q, ΔW_V = W_K[:, h] A^V_h B^V_h + shared,
+    Δb_V = b_K[h] A^V_h B^V_h + b^V_h, ΔW_O = blockdiag(A^O) B^O + shared, Δb_O = b^O), accumulated in
+    fp32; bias-free T5 projections get a bias where a head-wise bias is merged.
 
     W ← W + s·A B and b ← b + s·b_L, accumulated in fp32 and written back in the weight's dtype; a
     bias-free linear (T5) gets a bias parameter when ``lora_bias=True``. The LoRA modules and hooks
@@ -288,11 +385,17 @@ def merge(model: nn.Module) -> nn.Module:
                          f"{', '.join(repr(c.method) for c in MERGEABLE)}")
     known = {id(p) for p, _ in record.requires_grad}
     folded = []
+    km_sites = None
     for owner, name in record.added_modules:
         lora = owner._modules.get(name)
         if isinstance(lora, LoRA):
             lora.fold(owner)
             folded.append(owner)
+        elif isinstance(lora, KernelMix):
+            if km_sites is None:
+                sites = get_backbone(model).kernel_mix_sites(record.config.cross_attention)
+                km_sites = {id(s.owner): s for s in sites}
+            folded += _fold_kernel_mix(lora, km_sites[id(owner)])
     record.snapshots = []  # merge keeps what was trained (task heads)
     _restore(model, record)
     for linear in folded:  # a bias merge created follows its weight's restored flag

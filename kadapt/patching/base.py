@@ -58,6 +58,28 @@ class ParallelSite:
 
 
 @dataclass
+class KernelMixSite:
+    """One attention layer for kernel-mix (METHODS.md §6). ``q``, ``k``, ``v``, ``o``: (module, output
+    columns [start, stop)) of each projection; on GPT-2 q, k and v are slices of the fused ``c_attn``.
+    The forward input of q/v is X, of o the merged heads. ``owner`` holds the KernelMix module."""
+
+    stack: str
+    block: int
+    kind: str  # "self" | "cross"
+    owner: nn.Module
+    q: tuple[nn.Module, tuple[int, int]]
+    k: tuple[nn.Module, tuple[int, int]]
+    v: tuple[nn.Module, tuple[int, int]]
+    o: tuple[nn.Module, tuple[int, int]]
+    heads: int
+    head_dim: int
+
+    @property
+    def fused(self) -> bool:
+        return self.q[0] is self.k[0]
+
+
+@dataclass
 class BiasSite:
     """BitFit on a family without biases: ``module`` gets a zero bias of ``size``.
 
@@ -98,6 +120,11 @@ class Backbone:
 
     def parallel_sites(self) -> list[ParallelSite]:
         """Parallel adapters: attn_in → attn_out and ffn_in → ffn_out of every block (never T5 cross-attention)."""
+        raise NotImplementedError
+
+    def kernel_mix_sites(self, cross_attention: bool = False) -> list[KernelMixSite]:
+        """Kernel-mix: every self-attention layer (T5: encoder self, decoder self, and cross-attention when
+        ``cross_attention``), in model order."""
         raise NotImplementedError
 
     def _body(self) -> list[nn.Module]:

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from kadapt.patching.base import Backbone, LinearSite, ParallelSite, Site, linear_site, single_root
+from kadapt.patching.base import (Backbone, KernelMixSite, LinearSite, ParallelSite, Site, linear_site,
+                                  single_root)
 
 
 class GPT2Backbone(Backbone):
@@ -48,6 +49,17 @@ class GPT2Backbone(Backbone):
             attn, mlp = block.attn, block.mlp
             sites.append(ParallelSite("decoder", i, "attn", attn.c_attn, attn.c_proj, attn.c_proj.weight))
             sites.append(ParallelSite("decoder", i, "ffn", mlp.c_fc, mlp.c_proj, mlp.c_proj.weight))
+        return sites
+
+    def kernel_mix_sites(self, cross_attention: bool = False) -> list[KernelMixSite]:
+        # Q, K, V: column slices of one forward of the fused c_attn; O: c_proj (before resid dropout).
+        d = self.hidden_size
+        sites = []
+        for i, block in enumerate(self.root.h):
+            attn = block.attn
+            sites.append(KernelMixSite("decoder", i, "self", attn, (attn.c_attn, (0, d)), (attn.c_attn, (d, 2 * d)),
+                                       (attn.c_attn, (2 * d, 3 * d)), (attn.c_proj, (0, d)), attn.num_heads,
+                                       attn.head_dim))
         return sites
 
     def _body(self) -> list[nn.Module]:

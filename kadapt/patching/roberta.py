@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from kadapt.patching.base import Backbone, LinearSite, ParallelSite, Site, linear_site, single_root
+from kadapt.patching.base import (Backbone, KernelMixSite, LinearSite, ParallelSite, Site, linear_site,
+                                  single_root)
 
 
 class RobertaBackbone(Backbone):
@@ -52,6 +53,18 @@ class RobertaBackbone(Backbone):
                                       attn_out.dense.weight))
             sites.append(ParallelSite("encoder", i, "ffn", layer.intermediate.dense, ffn_out.dropout,
                                       ffn_out.dense.weight))
+        return sites
+
+    def kernel_mix_sites(self, cross_attention: bool = False) -> list[KernelMixSite]:
+        # key runs before value in the self-attention forward; O = attention.output.dense (before dropout).
+        sites = []
+        for i, layer in enumerate(self.root.encoder.layer):
+            sa, dense = layer.attention.self, layer.attention.output.dense
+            inner = sa.num_attention_heads * sa.attention_head_size
+            sites.append(KernelMixSite("encoder", i, "self", layer.attention, (sa.query, (0, inner)),
+                                       (sa.key, (0, inner)), (sa.value, (0, inner)),
+                                       (dense, (0, dense.out_features)), sa.num_attention_heads,
+                                       sa.attention_head_size))
         return sites
 
     def _body(self) -> list[nn.Module]:
