@@ -65,6 +65,17 @@ class KadaptConfig:
         return cls(**data)
 
 
+def bottleneck_size(bottleneck_dim: int | None, reduction_factor: float, hidden_size: int) -> int:
+    """m = bottleneck_dim, else int(D // rf) as upstream computes it; ValueError when m < 1."""
+    m = bottleneck_dim if bottleneck_dim is not None else int(hidden_size // reduction_factor)
+    if m < 1:
+        raise ValueError(
+            f"reduction_factor={reduction_factor!r} gives a bottleneck of {m} on hidden size "
+            f"{hidden_size}; allowed: 0 < reduction_factor <= {hidden_size}"
+        )
+    return m
+
+
 @dataclass
 class BottleneckConfig(KadaptConfig):
     """Fields shared by the bottleneck-adapter family (§2).
@@ -119,13 +130,7 @@ class BottleneckConfig(KadaptConfig):
 
     def bottleneck_size(self, hidden_size: int) -> int:
         """m for a model of width D, as upstream computes it: int(D // rf)."""
-        m = self.bottleneck_dim if self.bottleneck_dim is not None else int(hidden_size // self.reduction_factor)
-        if m < 1:
-            raise ValueError(
-                f"reduction_factor={self.reduction_factor!r} gives a bottleneck of {m} on hidden size "
-                f"{hidden_size}; allowed: 0 < reduction_factor <= {hidden_size}"
-            )
-        return m
+        return bottleneck_size(self.bottleneck_dim, self.reduction_factor, hidden_size)
 
 
 @dataclass
@@ -329,13 +334,8 @@ class ParallelAdapterConfig(KadaptConfig):
         _check_dropout("dropout", self.dropout)
 
     def bottleneck_size(self, hidden_size: int) -> int:
-        m = self.bottleneck_dim if self.bottleneck_dim is not None else int(hidden_size // self.reduction_factor)
-        if m < 1:
-            raise ValueError(
-                f"reduction_factor={self.reduction_factor!r} gives a bottleneck of {m} on hidden size "
-                f"{hidden_size}; allowed: 0 < reduction_factor <= {hidden_size}"
-            )
-        return m
+        """m for a model of width D, as upstream computes it: int(D // rf)."""
+        return bottleneck_size(self.bottleneck_dim, self.reduction_factor, hidden_size)
 
 
 @dataclass

@@ -232,21 +232,18 @@ _fused_adapter_op.register_autograd(_backward, setup_context=_setup_context)
 # dispatch
 
 def _unsupported(x: torch.Tensor, weights: tuple[AdapterWeight, AdapterWeight], biases: tuple,
-                 residual: torch.Tensor | None, max_m: int) -> str | None:
-    """Why a fused kernel cannot take these inputs, or None."""
+                 residual: torch.Tensor | None) -> str | None:
+    """Why no fused kernel can take these inputs, or None (dtypes already agree: _check_shapes)."""
     if x.dtype not in _DTYPES:
         return f"dtype {x.dtype} is not one of float32, float16, bfloat16"
-    tensors = [t for w in weights for t in w.factor_tensors()] + list(biases)
-    if residual is not None:
-        tensors.append(residual)
-    if any(t.dtype != x.dtype for t in tensors):
-        return "weights, biases or residual differ in dtype from x (" + ", ".join(
-            sorted({str(t.dtype) for t in tensors} | {str(x.dtype)})) + ")"
-    if any(t.device != x.device for w in weights for t in w.tensors) or any(t.device != x.device for t in tensors):
+    tensors = [t for w in weights for t in w.tensors] + list(biases) + ([residual] if residual is not None else [])
+    if any(t.device != x.device for t in tensors):
         return "weights and input are on different devices"
-    if biases[0].shape[0] > max_m:
-        return f"bottleneck m={biases[0].shape[0]} exceeds the kernel's {max_m}"
     return None
+
+
+def _too_wide(m: int, max_m: int) -> str | None:
+    return f"bottleneck m={m} exceeds the kernel's {max_m}" if m > max_m else None
 
 
 def _check_shapes(x, wd: AdapterWeight, b_down, wu: AdapterWeight, b_up, residual) -> None:
@@ -266,8 +263,8 @@ def _check_shapes(x, wd: AdapterWeight, b_down, wu: AdapterWeight, b_up, residua
         raise ValueError(f"residual shape {tuple(residual.shape)} differs from x {tuple(x.shape)}")
     named = [("b_down", b_down), ("b_up", b_up)] + ([("residual", residual)] if residual is not None else [])
     for field, w in (("w_down", wd), ("w_up", wu)):
-        first = 1 if w.kind in ("phm", "compacter") else 0  # a PHM rule A may be stored in another dtype
-        named += [(f"{field}.tensors[{i}]", t) for i, t in enumerate(w.tensors) if i >= first]
+        first = len(w.tensors) - len(w.factor_tensors())  # a PHM rule A may be stored in another dtype
+        named += [(f"{field}.tensors[{i}]", t) for i, t in enumerate(w.factor_tensors(), start=first)]
     for name, t in named:
         if t.dtype != x.dtype:
             raise ValueError(f"{name} has dtype {t.dtype} but x has {x.dtype}: x, the weights (all factors but a "
@@ -287,10 +284,11 @@ def fused_adapter(x: torch.Tensor, w_down: torch.Tensor | AdapterWeight, b_down:
     wd, wu = as_weight(w_down, "w_down"), as_weight(w_up, "w_up")
     _check_shapes(x, wd, b_down, wu, b_up, residual)
     weights, biases = (wd, wu), (b_down, b_up)
+    reason, m = _unsupported(x, weights, biases, residual), b_down.shape[0]
     backend = backends.resolve(
         "fused_adapter", x,
-        cuda_unsupported=_unsupported(x, weights, biases, residual, CUDA_MAX_BOTTLENECK),
-        triton_unsupported=_unsupported(x, weights, biases, residual, TRITON_MAX_BOTTLENECK),
+        cuda_unsupported=reason or _too_wide(m, CUDA_MAX_BOTTLENECK),
+        triton_unsupported=reason or _too_wide(m, TRITON_MAX_BOTTLENECK),
         order=AUTO_ORDER)
     _log_backend("fused_adapter: %s backend", backend)
     if backend == "reference":

@@ -106,11 +106,10 @@ def _phm_linear_backward(ctx, dy):
 _phm_linear_op.register_autograd(_phm_linear_backward, setup_context=_phm_linear_setup)
 
 
-def _unsupported(x: torch.Tensor, b: torch.Tensor, others: list[torch.Tensor]) -> str | None:
+def _unsupported(x: torch.Tensor) -> str | None:
+    """Why no fused kernel can take x (the factors' dtypes already agree: _check_dtypes)."""
     if x.dtype not in _DTYPES:
         return f"dtype {x.dtype} is not one of float32, float16, bfloat16"
-    if any(o.dtype != x.dtype for o in others + [b]):
-        return "factors or bias differ in dtype from x"
     return None
 
 
@@ -118,7 +117,7 @@ def _resolve(op: str, x: torch.Tensor, rule, b, t, bias) -> str:
     others = [o for o in (t, bias) if o is not None]
     if any(o.device != x.device for o in [rule, b] + others):
         raise ValueError(f"{op}: every tensor must be on x's device {x.device}")
-    reason = _unsupported(x, b, others)
+    reason = _unsupported(x)
     return backends.resolve(op, x, cuda_unsupported=reason, triton_unsupported=reason)
 
 
