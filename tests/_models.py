@@ -82,3 +82,27 @@ def roberta_base_meta() -> torch.nn.Module:
     cfg = RobertaConfig(vocab_size=50265, max_position_embeddings=514, type_vocab_size=1)
     with torch.device("meta"):
         return RobertaModel(cfg)
+
+
+def perturb_trainables(model: torch.nn.Module, seed: int = 3, std: float = 0.05) -> None:
+    """Move every trainable tensor off its init (e.g. zero LoRA B) by N(0, std²) noise."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(std * torch.randn(p.shape, generator=g).to(p.dtype))
+
+
+def lm_losses(model: torch.nn.Module, steps: int = 20, lr: float = 1e-2) -> list[float]:
+    """Train a GPT-2 LM head model's trainable parameters with Adam on one tiny batch; the losses."""
+    model.train()
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
+    ids = inputs("gpt2")["input_ids"]
+    losses = []
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses

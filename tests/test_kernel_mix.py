@@ -9,21 +9,14 @@ import torch
 import kadapt
 from kadapt.methods.kernel_mix import KernelMix
 from kadapt.patching import get_record, is_patched
-from _models import FAMILIES, gpt2_small_meta, inputs, output, roberta_base_meta, t5_base_meta, tiny
+from _models import (FAMILIES, gpt2_small_meta, inputs, lm_losses, output, perturb_trainables as _perturb,
+                     roberta_base_meta, t5_base_meta, tiny)
 
 PARTS = {  # parameter names of each §6 part
     "q_head": ("q_a", "q_b", "q_bias"), "q_shared": ("qs_a", "qs_b"),
     "v_head": ("v_a", "v_b", "v_bias"), "v_shared": ("vs_a", "vs_b"),
     "o_head": ("o_a", "o_b", "o_bias"), "o_shared": ("os_a", "os_b"),
 }
-
-
-def _perturb(model, seed=3, std=0.05):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(std * torch.randn(p.shape, generator=g).to(p.dtype))
 
 
 def _mixes(model):
@@ -238,16 +231,7 @@ def test_short_training_loop_lowers_loss():
     torch.manual_seed(0)
     model = tiny("gpt2")
     kadapt.patch(model, kadapt.KernelMixConfig(r_q=2, r_qs=4, r_v=4, r_vs=4, dropout=0.0))
-    model.train()
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    ids = inputs("gpt2")["input_ids"]
-    losses = []
-    for _ in range(20):
-        opt.zero_grad()
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = lm_losses(model)
     assert losses[-1] < 0.9 * losses[0], losses
 
 

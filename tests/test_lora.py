@@ -8,17 +8,10 @@ import torch
 import kadapt
 from kadapt.methods.lora import LoRA, LoRABranch
 from kadapt.patching import get_record, is_patched
-from _models import FAMILIES, gpt2_small_meta, inputs, output, roberta_base_meta, t5_base_meta, tiny
+from _models import (FAMILIES, gpt2_small_meta, inputs, lm_losses, output, perturb_trainables as _perturb,
+                     roberta_base_meta, t5_base_meta, tiny)
 
 ALL_TARGETS = ("q", "k", "v", "o", "ffn_in", "ffn_out")
-
-
-def _perturb(model, seed=3, std=0.05):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(std * torch.randn(p.shape, generator=g).to(p.dtype))
 
 
 def _branches(model):
@@ -175,16 +168,7 @@ def test_short_training_loop_lowers_loss():
     torch.manual_seed(0)
     model = tiny("gpt2")
     kadapt.patch(model, kadapt.LoRAConfig(r=4, alpha=16.0, targets=ALL_TARGETS))
-    model.train()
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    ids = inputs("gpt2")["input_ids"]
-    losses = []
-    for _ in range(20):
-        opt.zero_grad()
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = lm_losses(model)
     assert losses[-1] < 0.9 * losses[0], losses
 
 

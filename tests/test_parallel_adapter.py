@@ -6,15 +6,8 @@ import torch
 import kadapt
 from kadapt.methods.parallel import ParallelAdapter
 from kadapt.patching import get_record, is_patched
-from _models import FAMILIES, gpt2_small_meta, inputs, output, roberta_base_meta, t5_base_meta, tiny
-
-
-def _perturb(model, seed=3, std=0.05):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(std * torch.randn(p.shape, generator=g).to(p.dtype))
+from _models import (FAMILIES, gpt2_small_meta, inputs, lm_losses, output, perturb_trainables as _perturb,
+                     roberta_base_meta, t5_base_meta, tiny)
 
 
 def _adapters(model):
@@ -186,16 +179,7 @@ def test_short_training_loop_lowers_loss():
     torch.manual_seed(0)
     model = tiny("gpt2")
     kadapt.patch(model, kadapt.ParallelAdapterConfig(bottleneck_dim=16, placement="both"))
-    model.train()
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    ids = inputs("gpt2")["input_ids"]
-    losses = []
-    for _ in range(20):
-        opt.zero_grad()
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = lm_losses(model)
     assert losses[-1] < 0.9 * losses[0], losses
 
 

@@ -8,18 +8,10 @@ import kadapt
 from kadapt.methods.bottleneck import LowRankProjection, PHMProjection, PHMRule
 from kadapt.patching import is_patched
 from _models import FAMILIES, inputs, output, tiny, tiny_configs
+from _models import perturb_trainables as _perturb_trainables
 
 METHODS = list(tiny_configs())
 ADAPTER_METHODS = [m for m in METHODS if m not in ("bitfit", "full_finetune")]
-
-
-def _perturb_trainables(model, seed=3):
-    """Move every trainable tensor away from its init (a stand-in for training)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(0.05 * torch.randn(p.shape, generator=g).to(p.dtype))
 
 
 @pytest.mark.parametrize("family", FAMILIES)
