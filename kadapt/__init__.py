@@ -12,23 +12,28 @@ from kadapt.configs import (
     CompacterConfig,
     CompacterPlusPlusConfig,
     FullFinetuneConfig,
+    InducerTuningConfig,
     KadaptConfig,
     KernelMixConfig,
     LoRAConfig,
     LowRankAdapterConfig,
+    MAMConfig,
     ParallelAdapterConfig,
     PfeifferConfig,
     PHMAdapterConfig,
+    PrefixTuningConfig,
     preset,
 )
-from kadapt.patching import merge, patch, unpatch
+from kadapt.patching import eject, merge, patch, unpatch
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "patch", "unpatch", "merge", "trainable_parameters", "save_adapter", "load_adapter", "set_backend", "get_backend",
+    "patch", "unpatch", "merge", "eject", "trainable_parameters", "save_adapter", "load_adapter", "set_backend",
+    "get_backend",
     "AdapterConfig", "PfeifferConfig", "LowRankAdapterConfig", "PHMAdapterConfig", "CompacterConfig",
     "CompacterPlusPlusConfig", "BitFitConfig", "FullFinetuneConfig", "LoRAConfig",
-    "ParallelAdapterConfig", "KernelMixConfig", "KadaptConfig", "METHODS", "PRESETS",
+    "ParallelAdapterConfig", "KernelMixConfig", "PrefixTuningConfig", "InducerTuningConfig", "MAMConfig",
+    "KadaptConfig", "METHODS", "PRESETS",
     "preset", "__version__",
 ]

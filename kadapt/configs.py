@@ -376,11 +376,122 @@ class KernelMixConfig(KadaptConfig):
         _check_bool("cross_attention", self.cross_attention)
 
 
+def _sub_config(name: str, value: Any, cls: type[KadaptConfig], optional: bool) -> Any:
+    """A nested method config given as an instance or as its ``to_dict`` output (JSON round trips)."""
+    if value is None and optional:
+        return None
+    if isinstance(value, dict):
+        data = dict(value)
+        method = data.pop("method", cls.method)
+        if method != cls.method:
+            raise ValueError(f"{name}: expected a {cls.__name__} (method {cls.method!r}), got method {method!r}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"{name}: unknown field(s) {unknown} for {cls.__name__}; allowed fields: {sorted(names)}")
+        return cls(**data)
+    if not isinstance(value, cls):
+        allowed = f"a {cls.__name__}" + (" or None" if optional else "")
+        raise ValueError(f"{name}={value!r} must be {allowed}")
+    value.__post_init__()
+    return value
+
+
+@dataclass
+class PrefixTuningConfig(KadaptConfig):
+    """Prefix tuning (Li & Liang; He et al.; METHODS.md §7): every self-attention layer attends to
+    ``prefix_length`` (P) extra keys and values in front of its own, [K_P; K] and [V_P; V].
+
+    With ``reparameterize`` (the default) the prefixes are M = tanh(E W_1 + b_1) W_2 + b_2, E ∈ R^{P×D},
+    W_1 ∈ R^{D×m_p} (m_p = ``hidden_size``), W_2 ∈ R^{m_p×2N_bD}, one MLP per prefix set; ``kadapt.eject``
+    caches M and drops the MLP (2·N_b·P·D parameters remain). ``reparameterize=False`` trains K_P, V_P
+    directly (initialised from a freshly drawn MLP). Prefix columns are visible to every query (no causal or
+    padding mask), get no position embedding and zero T5 relative bias; nothing is stored in the KV cache.
+    T5: one set each for encoder self-, decoder self- and (``cross_attention``, default on) cross-attention.
+    Defaults P = 30, m_p = 512 (generic); preset ``he2022_mam_roberta`` uses P = 16, m_p = 800.
+    """
+
+    method: ClassVar[str] = "prefix_tuning"
+    prefix_length: int = 30
+    hidden_size: int = 512
+    reparameterize: bool = True
+    cross_attention: bool = True
+
+    def __post_init__(self) -> None:
+        _check_int("prefix_length", self.prefix_length, 1)
+        _check_int("hidden_size", self.hidden_size, 1)
+        _check_bool("reparameterize", self.reparameterize)
+        _check_bool("cross_attention", self.cross_attention)
+
+
+@dataclass
+class InducerTuningConfig(KadaptConfig):
+    """Inducer-tuning (METHODS.md §8; arXiv 2210.14469): one query-specific inducer key per head.
+
+    Key MLP (residual) p = q + φ(q), φ(q) = tanh(q A^k + a^k) B^k + b^k of width m_k = ``key_width``
+    (0: identity key p = q); logit s0 = c⟨q, p⟩; weight w = σ(s0 − LSE) over the real keys; w̃ = Drop(w)
+    with p = ``w_dropout`` (None: the backbone's attention dropout). With ``value_extension`` (default)
+    Δ = Σ_h w̃^h tanh(q A^v_h + a^v_h) B^v_h + c_v (B^v_h ∈ R^{m_v×D}, m_v = ``value_width``) is added at
+    ``attn_out`` after the output projection; ``head_share`` uses one B^v for all heads (forces the
+    extension on). Without it, o^h ← o^h + w̃^h (tanh(q A^v_h + a^v_h) B′^v_h + b′^v_h) before W_O.
+    ``gating``: O ← (1 − w) O with the undropped w. Every parameter is tn01-initialised.
+
+    ``lora`` (a LoRAConfig, e.g. Q only) and ``parallel_adapter`` (a ParallelAdapterConfig) add those
+    methods alongside, as the kernel-adapters presets do (inducer-lora, inducer-mam). Self-attention
+    everywhere; T5 cross-attention with ``cross_attention=True``.
+    """
+
+    method: ClassVar[str] = "inducer_tuning"
+    key_width: int = 10
+    value_width: int = 15
+    value_extension: bool = True
+    head_share: bool = False
+    gating: bool = False
+    w_dropout: float | None = None
+    cross_attention: bool = False
+    lora: Any = None
+    parallel_adapter: Any = None
+
+    def __post_init__(self) -> None:
+        _check_int("key_width", self.key_width, 0)
+        _check_int("value_width", self.value_width, 1)
+        _check_bool("value_extension", self.value_extension)
+        _check_bool("head_share", self.head_share)
+        if self.head_share and not self.value_extension:
+            raise ValueError("head_share=True needs value_extension=True (a shared B^v maps to the model width D); "
+                             "allowed: head_share=False, or value_extension=True")
+        _check_bool("gating", self.gating)
+        if self.w_dropout is not None:
+            _check_dropout("w_dropout", self.w_dropout)
+        _check_bool("cross_attention", self.cross_attention)
+        self.lora = _sub_config("lora", self.lora, LoRAConfig, optional=True)
+        self.parallel_adapter = _sub_config("parallel_adapter", self.parallel_adapter, ParallelAdapterConfig,
+                                            optional=True)
+
+
+@dataclass
+class MAMConfig(KadaptConfig):
+    """Mix-and-match adapter (He et al.; METHODS.md §9): prefix tuning at self-attention (``prefix``) plus
+    a scaled parallel FFN adapter (``parallel_adapter``, placement "ffn")."""
+
+    method: ClassVar[str] = "mam"
+    prefix: Any = dataclasses.field(default_factory=lambda: PrefixTuningConfig())
+    parallel_adapter: Any = dataclasses.field(default_factory=lambda: ParallelAdapterConfig(scale=4.0))
+
+    def __post_init__(self) -> None:
+        self.prefix = _sub_config("prefix", self.prefix, PrefixTuningConfig, optional=False)
+        self.parallel_adapter = _sub_config("parallel_adapter", self.parallel_adapter, ParallelAdapterConfig,
+                                            optional=False)
+        if self.parallel_adapter.placement != "ffn":
+            raise ValueError(f"parallel_adapter.placement={self.parallel_adapter.placement!r}: MAM puts the parallel "
+                             f"adapter at the FFN; allowed values: 'ffn'")
+
+
 METHODS: dict[str, type[KadaptConfig]] = {
     cls.method: cls
     for cls in (AdapterConfig, PfeifferConfig, LowRankAdapterConfig, PHMAdapterConfig, CompacterConfig,
                 CompacterPlusPlusConfig, BitFitConfig, FullFinetuneConfig, LoRAConfig, ParallelAdapterConfig,
-                KernelMixConfig)
+                KernelMixConfig, PrefixTuningConfig, InducerTuningConfig, MAMConfig)
 }
 
 _PRESETS: dict[str, Any] = {
@@ -402,6 +513,26 @@ _PRESETS: dict[str, Any] = {
                                                               init="houlsby"),
     "kernel_adapters.nlu.kernel-mix": lambda: KernelMixConfig(r_q=1, r_qs=2, r_v=2, r_vs=4, dropout=0.1,
                                                               init="houlsby"),
+    # METHODS.md §9: kernel-adapters inducer presets. GPT-2 NLG: LoRA-Q α = 32, p = 0.1, bias; parallel FFN
+    # adapter m = 42 (rf 18.2), LN_pre, ReLU, s = 1, torch_default init.
+    "kernel_adapters.nlg.inducer-no-lora": lambda: InducerTuningConfig(key_width=10, value_width=15),
+    "kernel_adapters.nlg.inducer-lora": lambda: InducerTuningConfig(
+        key_width=5, value_width=12, lora=LoRAConfig(r=24, alpha=32, dropout=0.1, targets=("q",), lora_bias=True)),
+    "kernel_adapters.nlg.inducer-mam": lambda: InducerTuningConfig(
+        key_width=3, value_width=7, lora=LoRAConfig(r=16, alpha=32, dropout=0.1, targets=("q",), lora_bias=True),
+        parallel_adapter=ParallelAdapterConfig(reduction_factor=18.2, scale=1.0, ln_pre=True, activation="relu",
+                                               init="torch_default")),
+    # RoBERTa NLU (run_glue.sh): loralib-style LoRA-Q r = 4, α = 32, p = 0.1, no bias; parallel FFN m = 12, s = 2.
+    "kernel_adapters.nlu.inducer-lora": lambda: InducerTuningConfig(
+        key_width=2, value_width=4, lora=LoRAConfig(r=4, alpha=32, dropout=0.1, targets=("q",))),
+    "kernel_adapters.nlu.inducer-no-lora": lambda: InducerTuningConfig(key_width=6, value_width=4),
+    "kernel_adapters.nlu.inducer-para-ffn": lambda: InducerTuningConfig(
+        key_width=2, value_width=2, lora=LoRAConfig(r=4, alpha=32, dropout=0.1, targets=("q",)),
+        parallel_adapter=ParallelAdapterConfig(bottleneck_dim=12, scale=2.0, dropout=0.1)),
+    # He et al. MAM on RoBERTa: prefix P = 16, m_p = 800; parallel FFN adapter m = 16, s = 2, "lora" init.
+    "he2022_mam_roberta": lambda: MAMConfig(prefix=PrefixTuningConfig(prefix_length=16, hidden_size=800),
+                                            parallel_adapter=ParallelAdapterConfig(bottleneck_dim=16, scale=2.0,
+                                                                                   dropout=0.1)),
 }
 PRESETS: tuple[str, ...] = tuple(_PRESETS)
 

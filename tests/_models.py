@@ -62,6 +62,11 @@ def tiny_configs() -> dict[str, kadapt.KadaptConfig]:
         "lora": kadapt.LoRAConfig(r=4, targets=("q", "v", "ffn_out"), lora_bias=True),
         "parallel_adapter": kadapt.ParallelAdapterConfig(bottleneck_dim=8),
         "kernel_mix": kadapt.KernelMixConfig(r_q=2, r_qs=4, r_v=2, r_vs=4),
+        "prefix_tuning": kadapt.PrefixTuningConfig(prefix_length=5, hidden_size=16),
+        "inducer_tuning": kadapt.InducerTuningConfig(key_width=3, value_width=4,
+                                                     lora=kadapt.LoRAConfig(r=2, targets=("q",), lora_bias=True)),
+        "mam": kadapt.MAMConfig(prefix=kadapt.PrefixTuningConfig(prefix_length=4, hidden_size=8),
+                                parallel_adapter=kadapt.ParallelAdapterConfig(bottleneck_dim=8)),
     }
 
 

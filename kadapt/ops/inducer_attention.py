@@ -86,27 +86,37 @@ def attention_mask(B: int, Tq: int, Tk: int, causal: bool, key_padding_mask: tor
     return keep
 
 
-def _real_logits(q, k, scale, causal, key_padding_mask):
-    """(s with −inf where masked, keep mask)."""
+def _real_logits(q, k, scale, causal, key_padding_mask, attn_mask=None, attn_bias=None):
+    """(s with −inf where masked, keep mask). ``attn_mask`` (bool, True = keep) and ``attn_bias``
+    (additive) broadcast to (B, H, Tq, Tk)."""
     keep = attention_mask(q.shape[0], q.shape[2], k.shape[2], causal, key_padding_mask, q.device)
+    if attn_mask is not None:
+        keep = keep & attn_mask
     s = scale * (q @ k.transpose(-1, -2))
+    if attn_bias is not None:
+        s = s + attn_bias.to(s.dtype)
     return s.masked_fill(~keep, float("-inf")), keep
 
 
 def inducer_attention_reference(q, k, v, A_k=None, a_k=None, B_k=None, b_k=None, scale: float | None = None,
                                 causal: bool = False, key_padding_mask: torch.Tensor | None = None,
-                                gating: bool = False):
+                                gating: bool = False, attn_mask: torch.Tensor | None = None,
+                                attn_bias: torch.Tensor | None = None, dropout_p: float = 0.0):
     """(O, LSE, w): standard attention over the real keys, its log-sum-exp and σ(s0 − LSE).
 
     Fully masked rows give LSE = −inf, O = 0, w = 1 with finite (zero) gradients. With ``gating``,
-    O is replaced by (1 − w)·O.
+    O is replaced by (1 − w)·O. ``attn_mask`` / ``attn_bias`` (e.g. T5's relative position bias) enter
+    the real logits only (s0 gets neither); ``dropout_p`` drops attention probabilities (O only, never
+    LSE or w).
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    s, keep = _real_logits(q, k, scale, causal, key_padding_mask)
-    any_key = keep.any(-1)  # (B, 1, Tq)
+    s, keep = _real_logits(q, k, scale, causal, key_padding_mask, attn_mask, attn_bias)
+    any_key = keep.any(-1)  # (B, 1 or H, Tq)
     s_safe = torch.where(any_key[..., None], s, torch.zeros((), dtype=s.dtype, device=s.device))
     lse_safe = torch.logsumexp(s_safe, -1)
     p = torch.exp(s_safe - lse_safe[..., None]) * keep
+    if dropout_p > 0:
+        p = torch.nn.functional.dropout(p, dropout_p)
     o = p @ v
     s0 = inducer_logit(q, A_k, a_k, B_k, b_k, scale)
     w = torch.where(any_key, torch.sigmoid(s0 - lse_safe), torch.ones((), dtype=s0.dtype, device=s0.device))
@@ -308,28 +318,56 @@ def _triton_unsupported(q, mlp) -> str | None:
     return None
 
 
+def _check_extras(q, k, attn_mask, attn_bias, dropout_p) -> None:
+    B, H, Tq, _ = q.shape
+    full = (B, H, Tq, k.shape[2])
+    for name, t in (("attn_mask", attn_mask), ("attn_bias", attn_bias)):
+        if t is None:
+            continue
+        if t.dim() != 4 or any(s not in (1, f) for s, f in zip(t.shape, full)):
+            raise ValueError(f"{name} must broadcast to (B, H, Tq, Tk) = {full}, got {tuple(t.shape)}")
+    if attn_mask is not None and attn_mask.dtype != torch.bool:
+        raise ValueError(f"attn_mask must be a bool tensor (True = keep), got {attn_mask.dtype}")
+    if attn_bias is not None and not attn_bias.dtype.is_floating_point:
+        raise ValueError(f"attn_bias must be a floating-point tensor, got {attn_bias.dtype}")
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0 <= dropout_p < 1:
+        raise ValueError(f"dropout_p={dropout_p!r} must be a number in [0, 1)")
+
+
 def inducer_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, A_k: torch.Tensor | None = None,
                       a_k: torch.Tensor | None = None, B_k: torch.Tensor | None = None,
                       b_k: torch.Tensor | None = None, scale: float | None = None, causal: bool = False,
-                      key_padding_mask: torch.Tensor | None = None, gating: bool = False):
+                      key_padding_mask: torch.Tensor | None = None, gating: bool = False,
+                      attn_mask: torch.Tensor | None = None, attn_bias: torch.Tensor | None = None,
+                      dropout_p: float = 0.0):
     """(O, LSE, w) on the backend in force; see the module docstring. ``scale`` defaults to 1/√d.
 
     With ``gating`` O is (1 − w)·O (applied to the kernel's output by PyTorch; gradients flow through both).
+    ``attn_mask`` (a general bool keep-mask), ``attn_bias`` (an additive logit bias such as T5's relative
+    position bias) and ``dropout_p`` > 0 (attention-probability dropout) are computed by the reference only:
+    under "auto" such calls run the reference; a forced "triton" refuses them.
     """
     mlp = (A_k, a_k, B_k, b_k)
     _check(q, k, v, mlp, key_padding_mask)
+    _check_extras(q, k, attn_mask, attn_bias, dropout_p)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if not math.isfinite(scale):
         raise ValueError(f"scale must be finite, got {scale}")
     if backends.get_backend() == "cuda":
         raise RuntimeError("backend 'cuda' is forced but there is no CUDA kernel for inducer_attention yet; "
                            "use kadapt.set_backend('triton'), 'auto' or 'reference'")
+    extras = [name for name, on in (("attn_mask", attn_mask is not None), ("attn_bias", attn_bias is not None),
+                                    ("dropout_p > 0", dropout_p > 0)) if on]
+    triton_reason = _triton_unsupported(q, mlp)
+    if extras and triton_reason is None:
+        triton_reason = f"{', '.join(extras)} are computed by the reference only"
     backend = backends.resolve(
         "inducer_attention", q, cuda_unsupported="there is no CUDA kernel for this op yet (use 'triton')",
-        triton_unsupported=_triton_unsupported(q, mlp), order=("triton",))
+        triton_unsupported=triton_reason, order=("triton",))
     _log_backend("inducer_attention: %s backend", backend)
     if backend == "reference":
-        return inducer_attention_reference(q, k, v, A_k, a_k, B_k, b_k, scale, causal, key_padding_mask, gating)
+        return inducer_attention_reference(q, k, v, A_k, a_k, B_k, b_k, scale, causal, key_padding_mask, gating,
+                                           attn_mask, attn_bias, float(dropout_p))
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     mlp = tuple(None if t is None else t.contiguous() for t in mlp)
     kpm = None if key_padding_mask is None else key_padding_mask.to(torch.int8).contiguous()

@@ -14,13 +14,17 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from kadapt.configs import (BitFitConfig, BottleneckConfig, CompacterConfig, FullFinetuneConfig, KadaptConfig,
-                            KernelMixConfig, LoRAConfig, ParallelAdapterConfig)
+from kadapt.configs import (BitFitConfig, BottleneckConfig, CompacterConfig, FullFinetuneConfig,
+                            InducerTuningConfig, KadaptConfig, KernelMixConfig, LoRAConfig, MAMConfig,
+                            ParallelAdapterConfig, PrefixTuningConfig)
 from kadapt.methods.bottleneck import PHMRule, build_adapter, compacter_rule, validate_bottleneck
+from kadapt.methods.inducer import InducerAttention
 from kadapt.methods.kernel_mix import KernelMix
 from kadapt.methods.lora import LoRA, build_lora
 from kadapt.methods.parallel import ParallelAdapter
-from kadapt.patching.base import Backbone, BiasSite, KernelMixSite, LinearSite, ParallelSite, Site
+from kadapt.methods.prefix import PrefixAttention, PrefixEncoder
+from kadapt.patching import attention
+from kadapt.patching.base import AttentionSite, Backbone, BiasSite, KernelMixSite, LinearSite, ParallelSite, Site
 from kadapt.patching.gpt2 import GPT2Backbone
 from kadapt.patching.roberta import RobertaBackbone
 from kadapt.patching.t5 import T5Backbone
@@ -34,6 +38,7 @@ SHARED_RULE_ATTR = "kadapt_phm_rule"
 LORA_ATTR = "kadapt_lora"
 PARALLEL_ATTR = "kadapt_parallel"
 KERNEL_MIX_ATTR = "kadapt_kernel_mix"
+PREFIX_ATTR = "kadapt_prefix_"  # + prefix set name, on the model root
 MERGEABLE = (LoRAConfig, KernelMixConfig)  # linear methods kadapt.merge folds into the weights
 
 
@@ -84,6 +89,10 @@ def _km_o_hook(km: KernelMix, module: nn.Module, args, output):
     return output + km.delta_o(args[0]).to(output.dtype)
 
 
+def _inducer_o_hook(inducer: InducerAttention, module: nn.Module, args, output):
+    return output + inducer.take_delta().to(output.dtype)
+
+
 @dataclass
 class PatchRecord:
     """Everything ``unpatch`` needs to restore the model exactly."""
@@ -96,6 +105,8 @@ class PatchRecord:
     added_params: list[tuple[nn.Module, str, bool]] = field(default_factory=list)  # (module, name, slot existed)
     requires_grad: list[tuple[nn.Parameter, bool]] = field(default_factory=list)
     snapshots: list[tuple[nn.Parameter, torch.Tensor]] = field(default_factory=list)
+    attn_configs: list[tuple[object, str]] = field(default_factory=list)  # (transformers config, previous impl)
+    base_attrs: list[nn.Module] = field(default_factory=list)             # layers given attention.BASE_ATTR
 
 
 def get_backbone(model: nn.Module) -> Backbone:
@@ -162,6 +173,68 @@ class _Plan:
         self.lora: list[tuple[LinearSite, LoRA]] = []
         self.parallel: list[tuple[ParallelSite, ParallelAdapter]] = []
         self.kernel_mix: list[tuple[KernelMixSite, KernelMix]] = []
+        self.prefix_encoders: dict[str, PrefixEncoder] = {}
+        self.attention: list[tuple[AttentionSite, nn.Module]] = []  # prefix / inducer layer modules
+        self.attention_base: str | None = None                      # the model's implementation, when switching
+
+
+def _plan_lora(plan: _Plan, backbone: Backbone, config: LoRAConfig) -> None:
+    for site in backbone.linear_sites(config.targets):
+        lora = build_lora(site.in_features, site.out_features, site.weight_layout, site.slices, config,
+                          _factory(site.module.weight))
+        plan.lora.append((site, lora.train(site.module.training)))  # dropout follows the host's mode
+
+
+def _plan_parallel(plan: _Plan, backbone: Backbone, config: ParallelAdapterConfig) -> None:
+    dim = backbone.hidden_size
+    m = config.bottleneck_size(dim)
+    kinds = ("attn", "ffn") if config.placement == "both" else (config.placement,)
+    for site in backbone.parallel_sites():
+        if site.kind in kinds:
+            adapter = ParallelAdapter(dim, m, config, _factory(site.ref_weight))
+            plan.parallel.append((site, adapter.train(site.target.training)))
+
+
+def _check_heads(site: AttentionSite, dim: int) -> None:
+    if site.heads * site.head_dim != dim:
+        raise ValueError(f"model: {site.stack} block {site.block} attention has {site.heads} heads of width "
+                         f"{site.head_dim} = {site.heads * site.head_dim}, not the hidden size {dim}; prefix and "
+                         f"inducer tuning need heads × head_dim = hidden size")
+
+
+def _plan_prefix(plan: _Plan, model: nn.Module, backbone: Backbone, config: PrefixTuningConfig) -> None:
+    plan.attention_base = attention.current_implementation(model)
+    dim = backbone.hidden_size
+    sites = backbone.attention_sites(cross_attention=config.cross_attention)
+    by_set: dict[str, list[AttentionSite]] = {}
+    for site in sites:
+        _check_heads(site, dim)
+        by_set.setdefault(site.prefix_set, []).append(site)
+    for name, members in by_set.items():
+        ref = members[0].o.weight
+        encoder = PrefixEncoder(config.prefix_length, dim, config.hidden_size, len(members), _factory(ref))
+        plan.prefix_encoders[name] = encoder
+        for layer, site in enumerate(members):
+            plan.attention.append((site, PrefixAttention(encoder, layer, site.heads, site.head_dim)))
+    if not config.reparameterize:  # train K_P, V_P directly, drawn from a fresh MLP
+        for _, module in plan.attention:
+            module.eject()
+        plan.prefix_encoders = {}
+
+
+def _plan_inducer(plan: _Plan, model: nn.Module, backbone: Backbone, config: InducerTuningConfig) -> None:
+    plan.attention_base = attention.current_implementation(model)
+    dim = backbone.hidden_size
+    for site in backbone.attention_sites(cross_attention=config.cross_attention):
+        _check_heads(site, dim)
+        inducer = InducerAttention(dim, site.heads, site.head_dim, config.key_width, config.value_width,
+                                   config.value_extension, config.head_share, config.gating, config.w_dropout,
+                                   _factory(site.o.weight))
+        plan.attention.append((site, inducer.train(site.module.training)))
+    if config.lora is not None:
+        _plan_lora(plan, backbone, config.lora)
+    if config.parallel_adapter is not None:
+        _plan_parallel(plan, backbone, config.parallel_adapter)
 
 
 def _plan(model: nn.Module, backbone: Backbone, config: KadaptConfig) -> _Plan:
@@ -186,18 +259,16 @@ def _plan(model: nn.Module, backbone: Backbone, config: KadaptConfig) -> _Plan:
     elif isinstance(config, FullFinetuneConfig):
         plan.train_existing += list(model.parameters())
     elif isinstance(config, LoRAConfig):
-        for site in backbone.linear_sites(config.targets):
-            lora = build_lora(site.in_features, site.out_features, site.weight_layout, site.slices, config,
-                              _factory(site.module.weight))
-            plan.lora.append((site, lora.train(site.module.training)))  # dropout follows the host's mode
+        _plan_lora(plan, backbone, config)
     elif isinstance(config, ParallelAdapterConfig):
-        dim = backbone.hidden_size
-        m = config.bottleneck_size(dim)
-        kinds = ("attn", "ffn") if config.placement == "both" else (config.placement,)
-        for site in backbone.parallel_sites():
-            if site.kind in kinds:
-                adapter = ParallelAdapter(dim, m, config, _factory(site.ref_weight))
-                plan.parallel.append((site, adapter.train(site.target.training)))
+        _plan_parallel(plan, backbone, config)
+    elif isinstance(config, PrefixTuningConfig):
+        _plan_prefix(plan, model, backbone, config)
+    elif isinstance(config, MAMConfig):
+        _plan_prefix(plan, model, backbone, config.prefix)
+        _plan_parallel(plan, backbone, config.parallel_adapter)
+    elif isinstance(config, InducerTuningConfig):
+        _plan_inducer(plan, model, backbone, config)
     elif isinstance(config, KernelMixConfig):
         for site in backbone.kernel_mix_sites(config.cross_attention):
             weight = site.q[0].weight
@@ -269,6 +340,20 @@ def patch(model: nn.Module, config: KadaptConfig) -> nn.Module:
                     record.hooks.append(site.v[0].register_forward_hook(functools.partial(_km_v_hook, km)))
             if km.has_v:
                 record.hooks.append(site.o[0].register_forward_hook(functools.partial(_km_o_hook, km)))
+        for name, encoder in plan.prefix_encoders.items():
+            model.add_module(PREFIX_ATTR + name, encoder)
+            record.added_modules.append((model, PREFIX_ATTR + name))
+        if plan.attention_base is not None:
+            # Every attention layer (patched or not) keeps the model's own function for kadapt's dispatcher.
+            for site in backbone.attention_sites(cross_attention=True):
+                site.module.__dict__[attention.BASE_ATTR] = attention.base_function(site.module, plan.attention_base)
+                record.base_attrs.append(site.module)
+            for site, module in plan.attention:
+                site.module.add_module(attention.METHOD_ATTR, module)
+                record.added_modules.append((site.module, attention.METHOD_ATTR))
+                if isinstance(module, InducerAttention) and module.value_extension:
+                    record.hooks.append(site.o.register_forward_hook(functools.partial(_inducer_o_hook, module)))
+            record.attn_configs = attention.set_implementation(model, attention.IMPLEMENTATION)
         for bs in plan.bias_sites:
             ref = bs.module.weight
             existed = "bias" in bs.module._parameters
@@ -291,6 +376,10 @@ def added_parameters(record: PatchRecord) -> set[nn.Parameter]:
 
 
 def _restore(model: nn.Module, record: PatchRecord) -> None:
+    for cfg, previous in record.attn_configs:
+        cfg._attn_implementation_internal = previous
+    for module in record.base_attrs:
+        module.__dict__.pop(attention.BASE_ATTR, None)
     for handle in record.hooks:
         handle.remove()
     for owner, name in reversed(record.added_modules):
@@ -318,6 +407,33 @@ def unpatch(model: nn.Module) -> nn.Module:
     if record is None:
         raise ValueError("model is not patched by kadapt (nothing to unpatch)")
     _restore(model, record)
+    return model
+
+
+def eject(model: nn.Module) -> nn.Module:
+    """Prefix tuning (also inside MAM): cache every layer's prefix M = tanh(E W_1 + b_1) W_2 + b_2 as
+    trainable (H, P, d) key and value parameters and drop the reparameterisation MLPs (METHODS.md §7).
+    The model computes the same function; the recorded config becomes ``reparameterize=False``, so
+    ``save_adapter`` / ``load_adapter`` round-trip the ejected form."""
+    record = get_record(model)
+    if record is None:
+        raise ValueError("model is not patched by kadapt (nothing to eject)")
+    config = record.config
+    prefix = config.prefix if isinstance(config, MAMConfig) else config
+    if not isinstance(prefix, PrefixTuningConfig):
+        raise ValueError(f"model is patched with method {config.method!r}, which has no prefix to eject; "
+                         f"methods with a prefix: {PrefixTuningConfig.method!r}, {MAMConfig.method!r}")
+    if not prefix.reparameterize:
+        raise ValueError("the prefix is already ejected (reparameterize=False): there is no MLP to drop")
+    for owner, name in record.added_modules:
+        module = owner._modules.get(name)
+        if isinstance(module, PrefixAttention):
+            module.eject()
+    for owner, name in list(record.added_modules):
+        if isinstance(owner._modules.get(name), PrefixEncoder):
+            del owner._modules[name]
+            record.added_modules.remove((owner, name))
+    prefix.reparameterize = False
     return model
 
 

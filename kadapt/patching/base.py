@@ -80,6 +80,26 @@ class KernelMixSite:
 
 
 @dataclass
+class AttentionSite:
+    """One attention layer for the attention-side methods (prefix, inducer). ``module`` is the module that
+    calls transformers' attention interface (kadapt.patching.attention); ``o`` its output projection, whose
+    output is attn_out (before the sub-layer dropout, METHODS.md §1). ``kind``: "self" | "cross"."""
+
+    stack: str
+    block: int
+    kind: str
+    module: nn.Module
+    o: nn.Module
+    heads: int
+    head_dim: int
+
+    @property
+    def prefix_set(self) -> str:
+        """Which prefix set the layer draws from (T5 has three: encoder self, decoder self, cross)."""
+        return f"{self.stack}_{self.kind}"
+
+
+@dataclass
 class BiasSite:
     """BitFit on a family without biases: ``module`` gets a zero bias of ``size``.
 
@@ -125,6 +145,11 @@ class Backbone:
     def kernel_mix_sites(self, cross_attention: bool = False) -> list[KernelMixSite]:
         """Kernel-mix: every self-attention layer (T5: encoder self, decoder self, and cross-attention when
         ``cross_attention``), in model order."""
+        raise NotImplementedError
+
+    def attention_sites(self, cross_attention: bool = False) -> list[AttentionSite]:
+        """Prefix / inducer: every self-attention layer (T5: encoder self, decoder self, and cross-attention
+        when ``cross_attention``), in model order."""
         raise NotImplementedError
 
     def _body(self) -> list[nn.Module]:

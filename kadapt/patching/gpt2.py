@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from kadapt.patching.base import (Backbone, KernelMixSite, LinearSite, ParallelSite, Site, linear_site,
-                                  single_root)
+from kadapt.patching.base import (AttentionSite, Backbone, KernelMixSite, LinearSite, ParallelSite, Site,
+                                  linear_site, single_root)
 
 
 class GPT2Backbone(Backbone):
@@ -61,6 +61,10 @@ class GPT2Backbone(Backbone):
                                        (attn.c_attn, (2 * d, 3 * d)), (attn.c_proj, (0, d)), attn.num_heads,
                                        attn.head_dim))
         return sites
+
+    def attention_sites(self, cross_attention: bool = False) -> list[AttentionSite]:
+        return [AttentionSite("decoder", i, "self", b.attn, b.attn.c_proj, b.attn.num_heads, b.attn.head_dim)
+                for i, b in enumerate(self.root.h)]
 
     def _body(self) -> list[nn.Module]:
         return [self.root]

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from kadapt.patching.base import (Backbone, KernelMixSite, LinearSite, ParallelSite, Site, linear_site,
-                                  single_root)
+from kadapt.patching.base import (AttentionSite, Backbone, KernelMixSite, LinearSite, ParallelSite, Site,
+                                  linear_site, single_root)
 
 
 class RobertaBackbone(Backbone):
@@ -65,6 +65,14 @@ class RobertaBackbone(Backbone):
                                        (sa.key, (0, inner)), (sa.value, (0, inner)),
                                        (dense, (0, dense.out_features)), sa.num_attention_heads,
                                        sa.attention_head_size))
+        return sites
+
+    def attention_sites(self, cross_attention: bool = False) -> list[AttentionSite]:
+        sites = []
+        for i, layer in enumerate(self.root.encoder.layer):
+            sa = layer.attention.self
+            sites.append(AttentionSite("encoder", i, "self", sa, layer.attention.output.dense,
+                                       sa.num_attention_heads, sa.attention_head_size))
         return sites
 
     def _body(self) -> list[nn.Module]:

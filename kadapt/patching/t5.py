@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from kadapt.patching.base import (SUPPORTED, Backbone, BiasSite, KernelMixSite, LinearSite, ParallelSite, Site,
-                                  find_modules, linear_site)
+from kadapt.patching.base import (SUPPORTED, AttentionSite, Backbone, BiasSite, KernelMixSite, LinearSite,
+                                  ParallelSite, Site, find_modules, linear_site)
 
 
 class T5Backbone(Backbone):
@@ -84,6 +84,18 @@ class T5Backbone(Backbone):
                     sites.append(KernelMixSite(name, i, kind, attn, (attn.q, (0, inner)), (attn.k, (0, inner)),
                                                (attn.v, (0, inner)), (attn.o, (0, attn.o.out_features)),
                                                attn.n_heads, attn.key_value_proj_dim))
+        return sites
+
+    def attention_sites(self, cross_attention: bool = False) -> list[AttentionSite]:
+        sites = []
+        for name, stack in self.stack_modules.items():
+            for i, block in enumerate(stack.block):
+                for layer in block.layer:
+                    attn, kind = getattr(layer, "SelfAttention", None), "self"
+                    if attn is None and cross_attention:
+                        attn, kind = getattr(layer, "EncDecAttention", None), "cross"
+                    if attn is not None:
+                        sites.append(AttentionSite(name, i, kind, attn, attn.o, attn.n_heads, attn.key_value_proj_dim))
         return sites
 
     def layer_norms(self) -> list[nn.Module]:

@@ -1,0 +1,87 @@
+"""Inducer-tuning (METHODS.md §8; arXiv 2210.14469) in one attention layer.
+
+Parameters (H heads of width d, model width D, m_k = key width, m_v = value width; all tn01):
+
+  key MLP          A_k (H, d, m_k), a_k (H, m_k), B_k (H, m_k, d), b_k (H, d)       (absent when m_k = 0)
+  value extension  A_v (H, d, m_v), a_v (H, m_v), B_v (H, m_v, D) or shared (m_v, D), c_v (D)
+  no extension     A_v (H, d, m_v), a_v (H, m_v), B_v (H, m_v, d), b_v (H, d)
+
+The attention call runs ``kadapt.ops.inducer_attention`` (O, LSE, w = σ(s0 − LSE); the fused kernels
+where the backend allows), then w̃ = Drop(w) and u = tanh(q A_v + a_v). With the value extension the
+term Δ = Σ_h w̃^h u^h B^v_h + c_v is computed here and stashed; the patcher's forward hook on the output
+projection adds it to attn_out (after W_O and its bias, before the sub-layer dropout). Without it,
+o^h ← o^h + w̃^h (u^h B^v_h + b^v_h) before W_O.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from kadapt.methods.attention import unpack
+from kadapt.methods.lora import tn01_
+from kadapt.ops.inducer_attention import inducer_attention
+
+
+class InducerAttention(nn.Module):
+    def __init__(self, model_dim: int, heads: int, head_dim: int, key_width: int, value_width: int,
+                 value_extension: bool, head_share: bool, gating: bool, w_dropout: float | None, factory: dict):
+        super().__init__()
+        D, H, d, mk, mv = model_dim, heads, head_dim, key_width, value_width
+        self.model_dim, self.heads, self.head_dim = D, H, d
+        self.key_width, self.value_width = mk, mv
+        self.value_extension, self.head_share, self.gating = value_extension, head_share, gating
+        self.w_dropout = w_dropout
+        shapes: dict[str, tuple[int, ...]] = {}
+        if mk:
+            shapes.update(key_a=(H, d, mk), key_a_bias=(H, mk), key_b=(H, mk, d), key_b_bias=(H, d))
+        shapes.update(value_a=(H, d, mv), value_a_bias=(H, mv))
+        if value_extension:
+            shapes.update(value_b=(mv, D) if head_share else (H, mv, D), value_b_bias=(D,))
+        else:
+            shapes.update(value_b=(H, mv, d), value_b_bias=(H, d))
+        for name, shape in shapes.items():
+            p = nn.Parameter(torch.empty(*shape, **factory))
+            tn01_(p)
+            self.register_parameter(name, p)
+        self._delta: torch.Tensor | None = None  # Δ of the call in flight, taken by the O-projection hook
+
+    def key_mlp(self) -> tuple:
+        if not self.key_width:
+            return (None, None, None, None)
+        return (self.key_a, self.key_a_bias, self.key_b, self.key_b_bias)
+
+    def forward(self, module: nn.Module, query, key, value, mask, *, scaling, dropout, base=None, **kwargs):
+        B, H, Tq, d = query.shape
+        causal, kpm, attn_mask = unpack(mask, B, Tq, key.shape[2])
+        bias = kwargs.get("position_bias")
+        mlp = tuple(None if t is None else t.to(query.dtype) for t in self.key_mlp())
+        o, _, w = inducer_attention(query, key, value, *mlp, scale=scaling, causal=causal and Tq > 1,
+                                    key_padding_mask=kpm, gating=self.gating, attn_mask=attn_mask,
+                                    attn_bias=bias, dropout_p=float(dropout))
+        p_w = dropout if self.w_dropout is None else (self.w_dropout if self.training else 0.0)
+        w = nn.functional.dropout(w, p_w, training=p_w > 0).to(query.dtype)  # (B, H, Tq)
+        u = torch.tanh(torch.einsum("bhtd,hdm->bhtm", query, self.value_a.to(query.dtype))
+                       + self.value_a_bias.to(query.dtype)[:, None, :])
+        z = w[..., None] * u  # (B, H, Tq, m_v)
+        if self.value_extension:
+            if self.head_share:
+                delta = z.sum(1) @ self.value_b.to(z.dtype)
+            else:
+                delta = torch.einsum("bhtm,hmD->btD", z, self.value_b.to(z.dtype))
+            self._delta = delta + self.value_b_bias.to(z.dtype)
+        else:
+            pv = torch.einsum("bhtm,hme->bhte", u, self.value_b.to(u.dtype)) + self.value_b_bias.to(u.dtype)[:, None]
+            o = o + w[..., None] * pv
+        return o.transpose(1, 2).contiguous(), None
+
+    def take_delta(self) -> torch.Tensor:
+        delta, self._delta = self._delta, None
+        if delta is None:
+            raise RuntimeError("inducer-tuning: the output projection ran without a preceding attention call "
+                               "(the value-extension term is missing)")
+        return delta
+
+    def extra_repr(self) -> str:
+        return (f"D={self.model_dim}, H={self.heads}, d={self.head_dim}, m_k={self.key_width}, "
+                f"m_v={self.value_width}, value_extension={self.value_extension}, head_share={self.head_share}, "
+                f"gating={self.gating}")
