@@ -6,7 +6,12 @@
 # --platform manylinux2014_x86_64 --platform any pytest hypothesis matplotlib`, numpy removed) and
 # pass `carry: [".wheels"]`.
 #
-#   bash scripts/gpu_check.sh [stages]      stages: any of build test bench train (default: build test bench)
+#   bash scripts/gpu_check.sh [stages]      stages: any of build test bench train attn (default: build test bench)
+#
+#   attn (opt-in): benchmarks/inducer_attention.py, bf16, the issue-4 sweep (fused inducer vs SDPA,
+#   FlexAttention + LSE, prefix via SDPA, the eager concat reference; d 64/128, L 512..4096, fwd and
+#   fwd+bwd, time and peak memory), extra flags from $ATTN_ARGS (e.g. ATTN_ARGS="--d 64" to fit a
+#   10-minute call: FlexAttention compiles once per (d, L)).
 #
 # A fresh machine compiles every Triton specialisation the GPU tests reach (minutes) and the build
 # takes ~1.5 min: within the 10-minute limit of one device call run `build test` and `build bench`
@@ -50,6 +55,12 @@ fi
 if has bench; then
     (cd / && "$PY" "$ROOT/benchmarks/adapter.py" --device cuda --dtype bf16 --out "$OUT/results" ${BENCH_ARGS:-} 2>&1) \
         | tail -80 | tee "$OUT/adapter_bench.txt"
+fi
+
+# Inducer attention (issue 4), opt-in: fused inducer vs SDPA / FlexAttention+LSE / prefix-SDPA / eager, bf16.
+if has attn; then
+    (cd / && "$PY" "$ROOT/benchmarks/inducer_attention.py" --device cuda --dtype bf16 --out "$OUT/results" \
+        ${ATTN_ARGS:-} 2>&1) | tail -120 | tee "$OUT/inducer_attention_bench.txt"
 fi
 
 # End-to-end training step, T5-base shapes, bf16: every method vs full fine-tuning.
