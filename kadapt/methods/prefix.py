@@ -3,7 +3,8 @@
 One ``PrefixEncoder`` per prefix set (GPT-2 and RoBERTa: one; T5: encoder self, decoder self, cross)
 computes M = tanh(E W_1 + b_1) W_2 + b_2, E ∈ R^{P×D}, W_2 ∈ R^{m_p×2N_bD}; layer ℓ's keys are columns
 [2ℓD, (2ℓ+1)D) and its values [(2ℓ+1)D, (2ℓ+2)D) (column ((2ℓ + kv)·H + h)·d + e, PEFT's order), each
-reshaped to (H, P, d). A layer computes only its own 2D columns, so the MLP costs one pass per forward
+reshaped to (H, P, d) (the inner width H·d replaces D in W_2 where they
+differ, as T5 allows). A layer computes only its own 2D columns, so the MLP costs one pass per forward
 in total. ``PrefixAttention`` (one per attention layer) puts [K_P; K], [V_P; V] into the model's own
 attention implementation (SDPA or eager) with the prefix columns visible to every query and zero T5
 relative bias. After ``eject`` the layer holds K_P, V_P as parameters and the encoder is gone.
@@ -22,22 +23,23 @@ from kadapt.methods.bottleneck import kaiming_sqrt5_
 class PrefixEncoder(nn.Module):
     """The reparameterisation MLP of one prefix set of ``layers`` attention layers."""
 
-    def __init__(self, prefix_length: int, model_dim: int, hidden: int, layers: int, factory: dict):
+    def __init__(self, prefix_length: int, model_dim: int, inner_dim: int, hidden: int, layers: int, factory: dict):
         super().__init__()
         P, D = prefix_length, model_dim
-        self.prefix_length, self.model_dim, self.layers = P, D, layers
+        self.prefix_length, self.model_dim, self.inner_dim, self.layers = P, D, inner_dim, layers
         self.embedding = nn.Parameter(torch.randn(P, D, **factory))  # E ~ N(0, 1)
         self.w1 = nn.Parameter(torch.empty(D, hidden, **factory))
         self.b1 = nn.Parameter(torch.empty(hidden, **factory))
-        self.w2 = nn.Parameter(torch.empty(hidden, 2 * layers * D, **factory))
-        self.b2 = nn.Parameter(torch.empty(2 * layers * D, **factory))
+        self.w2 = nn.Parameter(torch.empty(hidden, 2 * layers * inner_dim, **factory))
+        self.b2 = nn.Parameter(torch.empty(2 * layers * inner_dim, **factory))
         for w, b, fan_in in ((self.w1, self.b1, D), (self.w2, self.b2, hidden)):  # torch_default
             kaiming_sqrt5_(w, fan_in)
             kaiming_sqrt5_(b, fan_in)
 
     def layer_prefix(self, layer: int, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(K_P, V_P) of ``layer``, each (H, P, d)."""
-        D = self.model_dim
+        """(K_P, V_P) of ``layer``, each (H, P, d) with H·d = the attention's inner width (D except on T5
+        configs with num_heads·d_kv ≠ d_model)."""
+        D = self.inner_dim
         cols = slice(2 * layer * D, (2 * layer + 2) * D)
         hidden = torch.tanh(self.embedding @ self.w1 + self.b1)
         m = hidden @ self.w2[:, cols] + self.b2[cols]  # (P, 2D): keys then values

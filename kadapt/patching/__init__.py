@@ -175,7 +175,7 @@ class _Plan:
         self.kernel_mix: list[tuple[KernelMixSite, KernelMix]] = []
         self.prefix_encoders: dict[str, PrefixEncoder] = {}
         self.attention: list[tuple[AttentionSite, nn.Module]] = []  # prefix / inducer layer modules
-        self.attention_base: str | None = None                      # the model's implementation, when switching
+        self.switch_attention = False                               # set the "kadapt" implementation
 
 
 def _plan_lora(plan: _Plan, backbone: Backbone, config: LoRAConfig) -> None:
@@ -195,24 +195,17 @@ def _plan_parallel(plan: _Plan, backbone: Backbone, config: ParallelAdapterConfi
             plan.parallel.append((site, adapter.train(site.target.training)))
 
 
-def _check_heads(site: AttentionSite, dim: int) -> None:
-    if site.heads * site.head_dim != dim:
-        raise ValueError(f"model: {site.stack} block {site.block} attention has {site.heads} heads of width "
-                         f"{site.head_dim} = {site.heads * site.head_dim}, not the hidden size {dim}; prefix and "
-                         f"inducer tuning need heads × head_dim = hidden size")
-
-
 def _plan_prefix(plan: _Plan, model: nn.Module, backbone: Backbone, config: PrefixTuningConfig) -> None:
-    plan.attention_base = attention.current_implementation(model)
+    attention.check_implementations(model)
+    plan.switch_attention = True
     dim = backbone.hidden_size
     sites = backbone.attention_sites(cross_attention=config.cross_attention)
     by_set: dict[str, list[AttentionSite]] = {}
     for site in sites:
-        _check_heads(site, dim)
         by_set.setdefault(site.prefix_set, []).append(site)
     for name, members in by_set.items():
-        ref = members[0].o.weight
-        encoder = PrefixEncoder(config.prefix_length, dim, config.hidden_size, len(members), _factory(ref))
+        ref, inner = members[0].o.weight, members[0].heads * members[0].head_dim
+        encoder = PrefixEncoder(config.prefix_length, dim, inner, config.hidden_size, len(members), _factory(ref))
         plan.prefix_encoders[name] = encoder
         for layer, site in enumerate(members):
             plan.attention.append((site, PrefixAttention(encoder, layer, site.heads, site.head_dim)))
@@ -223,10 +216,10 @@ def _plan_prefix(plan: _Plan, model: nn.Module, backbone: Backbone, config: Pref
 
 
 def _plan_inducer(plan: _Plan, model: nn.Module, backbone: Backbone, config: InducerTuningConfig) -> None:
-    plan.attention_base = attention.current_implementation(model)
+    attention.check_implementations(model)
+    plan.switch_attention = True
     dim = backbone.hidden_size
     for site in backbone.attention_sites(cross_attention=config.cross_attention):
-        _check_heads(site, dim)
         inducer = InducerAttention(dim, site.heads, site.head_dim, config.key_width, config.value_width,
                                    config.value_extension, config.head_share, config.gating, config.w_dropout,
                                    _factory(site.o.weight))
@@ -343,10 +336,11 @@ def patch(model: nn.Module, config: KadaptConfig) -> nn.Module:
         for name, encoder in plan.prefix_encoders.items():
             model.add_module(PREFIX_ATTR + name, encoder)
             record.added_modules.append((model, PREFIX_ATTR + name))
-        if plan.attention_base is not None:
+        if plan.switch_attention:
             # Every attention layer (patched or not) keeps the model's own function for kadapt's dispatcher.
             for site in backbone.attention_sites(cross_attention=True):
-                site.module.__dict__[attention.BASE_ATTR] = attention.base_function(site.module, plan.attention_base)
+                implementation = site.module.config._attn_implementation
+                site.module.__dict__[attention.BASE_ATTR] = attention.base_function(site.module, implementation)
                 record.base_attrs.append(site.module)
             for site, module in plan.attention:
                 site.module.add_module(attention.METHOD_ATTR, module)

@@ -88,14 +88,14 @@ def model_configs(model: nn.Module) -> list:
     return list(seen.values())
 
 
-def current_implementation(model: nn.Module) -> str:
-    """The one attention implementation every config of ``model`` uses; ValueError when unsupported."""
-    found = {cfg._attn_implementation for cfg in model_configs(model)}
-    if len(found) != 1 or next(iter(found)) not in BASE_IMPLEMENTATIONS:
-        raise ValueError(f"model.config._attn_implementation={sorted(map(str, found))}: prefix and inducer tuning "
+def check_implementations(model: nn.Module) -> None:
+    """ValueError unless every config of ``model`` uses an implementation kadapt can run underneath."""
+    found = sorted({str(cfg._attn_implementation) for cfg in model_configs(model)})
+    bad = [name for name in found if name not in BASE_IMPLEMENTATIONS]
+    if bad:
+        raise ValueError(f"model.config._attn_implementation={', '.join(map(repr, bad))}: prefix and inducer tuning "
                          f"run on top of one of {', '.join(map(repr, BASE_IMPLEMENTATIONS))}; load the model with "
                          f"attn_implementation='sdpa' or 'eager'")
-    return next(iter(found))
 
 
 def set_implementation(model: nn.Module, implementation: str) -> list[tuple[object, str]]:

@@ -1,0 +1,425 @@
+"""Prefix tuning, inducer-tuning and MAM in the models: what the attention interface integration must keep.
+
+- Prefix tuning equals an independent formulation: the unpatched model given the prefixes as a pre-filled
+  KV cache with explicit positions (GPT-2), on the SDPA and the eager implementation.
+- The inducer layer equals the seed's concat-softmax formulation written here from METHODS.md §8
+  (column 0 = the inducer, softmax over T_k + 1 columns), for every option, with causal and padding masks
+  and an additive (T5) bias.
+- Reference and Triton backends agree through the whole model, forward and every trainable gradient.
+- Padding, KV-cache greedy generation, gradient checkpointing, eager vs SDPA, torch.compile, eject, errors.
+"""
+import copy
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+import kadapt
+from _models import inputs, output, tiny
+from kadapt.methods.attention import KadaptMask
+from kadapt.methods.inducer import InducerAttention
+
+FAMILIES = ("gpt2", "roberta", "bert", "t5")
+CONFIGS = {
+    "prefix": lambda: kadapt.PrefixTuningConfig(prefix_length=5, hidden_size=16),
+    "inducer": lambda: kadapt.InducerTuningConfig(key_width=3, value_width=4),
+    "inducer_gated_noext": lambda: kadapt.InducerTuningConfig(key_width=0, value_width=3, value_extension=False,
+                                                              gating=True),
+    "inducer_share_lora": lambda: kadapt.InducerTuningConfig(
+        key_width=2, value_width=3, head_share=True, lora=kadapt.LoRAConfig(r=2, targets=("q",), init="houlsby")),
+    "mam": lambda: kadapt.MAMConfig(prefix=kadapt.PrefixTuningConfig(prefix_length=4, hidden_size=8),
+                                    parallel_adapter=kadapt.ParallelAdapterConfig(bottleneck_dim=8, init="torch_default")),
+}
+
+
+def _no_dropout(model):
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+        if type(m).__name__ == "T5Attention":
+            m.dropout = 0.0
+    return model
+
+
+def _bump(model, seed=3):
+    """Move every trainable tensor off its init (zero-initialised LoRA B / parallel W_u included)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.1 * torch.randn(p.shape, generator=g).to(p.dtype))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# prefix tuning = the prefixes as a pre-filled KV cache (positions unchanged), SDPA and eager
+
+@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
+@pytest.mark.parametrize("padded", [False, True])
+def test_gpt2_prefix_equals_prefilled_cache(implementation, padded):
+    model = tiny("gpt2")
+    model.set_attn_implementation(implementation)
+    kw = inputs("gpt2")
+    if padded:
+        kw["attention_mask"][0, -3:] = 0  # right padding: positions of the valid tokens are unchanged
+    P = 5
+    kadapt.patch(model, kadapt.PrefixTuningConfig(prefix_length=P, hidden_size=16))
+    got = output(model, "gpt2", **kw)
+    prefixes = [blk.attn.kadapt_attention.prefix() for blk in model.transformer.h]
+    kadapt.unpatch(model)
+    assert model.config._attn_implementation == implementation
+
+    B, T = kw["input_ids"].shape
+    cache = DynamicCache(config=model.config)
+    for layer, (kp, vp) in enumerate(prefixes):
+        cache.update(kp.detach().expand(B, -1, -1, -1), vp.detach().expand(B, -1, -1, -1), layer)
+    mask = torch.cat([torch.ones(B, P, dtype=kw["attention_mask"].dtype), kw["attention_mask"]], 1)
+    want = model(input_ids=kw["input_ids"], attention_mask=mask, past_key_values=cache,
+                 position_ids=torch.arange(T)[None].expand(B, T)).logits
+    valid = kw["attention_mask"].bool()
+    torch.testing.assert_close(got[valid], want[valid], rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the inducer layer = the concat-softmax formulation (METHODS.md §8), written independently here
+
+def _concat_inducer(layer: InducerAttention, q, k, v, scale, keep, bias):
+    """Logits [s0 | s] over T_k + 1 columns; w = column 0; O = real columns renormalised (or, gated, the
+    real columns of the concat softmax); value term per §8 items 6–8. q, k, v (B, H, T, d) in float64."""
+    f = lambda t: t.double()  # noqa: E731
+    if layer.key_width:
+        h = torch.tanh(torch.einsum("bhtd,hdm->bhtm", q, f(layer.key_a)) + f(layer.key_a_bias)[:, None])
+        p_key = q + torch.einsum("bhtm,hmd->bhtd", h, f(layer.key_b)) + f(layer.key_b_bias)[:, None]
+    else:
+        p_key = q
+    s0 = scale * (q * p_key).sum(-1, keepdim=True)
+    s = scale * q @ k.transpose(-1, -2) + (0 if bias is None else f(bias))
+    s = s.masked_fill(~keep, float("-inf"))
+    probs = torch.softmax(torch.cat([s0, s], -1), -1)
+    w = probs[..., 0]
+    real = probs[..., 1:] if layer.gating else torch.softmax(s, -1)
+    o = real @ v
+    u = torch.tanh(torch.einsum("bhtd,hdm->bhtm", q, f(layer.value_a)) + f(layer.value_a_bias)[:, None])
+    if not layer.value_extension:
+        pv = torch.einsum("bhtm,hme->bhte", u, f(layer.value_b)) + f(layer.value_b_bias)[:, None]
+        return o + w[..., None] * pv, None
+    if layer.head_share:
+        delta = torch.einsum("bhtm,mD->btD", w[..., None] * u, f(layer.value_b))
+    else:
+        delta = torch.einsum("bhtm,hmD->btD", w[..., None] * u, f(layer.value_b))
+    return o, delta + f(layer.value_b_bias)
+
+
+@pytest.mark.parametrize("options", [
+    dict(key_width=3, value_width=4), dict(key_width=0, value_width=5), dict(key_width=2, value_width=3, gating=True),
+    dict(key_width=4, value_width=3, head_share=True), dict(key_width=1, value_width=2, value_extension=False),
+    dict(key_width=3, value_width=2, value_extension=False, gating=True),
+])
+@pytest.mark.parametrize("mask_kind", ["causal", "padding", "causal+padding+decode", "bias"])
+def test_inducer_layer_equals_concat_softmax(options, mask_kind):
+    torch.manual_seed(0)
+    B, H, d, D = 2, 3, 8, 24
+    Tq, Tk = (3, 11) if "decode" in mask_kind else (9, 9)
+    layer = InducerAttention(D, H, d, options.get("key_width"), options.get("value_width"),
+                             options.get("value_extension", True), options.get("head_share", False),
+                             options.get("gating", False), None, {"dtype": torch.float32}).eval()
+    q, k, v = (torch.randn(B, H, T, d) for T in (Tq, Tk, Tk))
+    pad = torch.ones(B, Tk, dtype=torch.bool)
+    pad[1, :4] = False
+    causal = "causal" in mask_kind
+    mask = KadaptMask(causal, pad if ("padding" in mask_kind or mask_kind == "bias") else None)
+    bias = torch.randn(1, H, Tq, Tk) if mask_kind == "bias" else None
+    kwargs = {} if bias is None else {"position_bias": bias}
+    scale = 0.35
+    o, _ = layer(None, q, k, v, mask, scaling=scale, dropout=0.0, **kwargs)
+    keep = torch.ones(B, 1, Tq, Tk, dtype=torch.bool)
+    if causal:
+        keep &= torch.arange(Tk)[None, :] <= torch.arange(Tq)[:, None] + (Tk - Tq)
+    if mask.key_padding is not None:
+        keep &= mask.key_padding[:, None, None, :]
+    want_o, want_delta = _concat_inducer(layer, q.double(), k.double(), v.double(), scale, keep, bias)
+    torch.testing.assert_close(o.double(), want_o.transpose(1, 2), rtol=1e-5, atol=1e-5)
+    if want_delta is not None:
+        torch.testing.assert_close(layer.take_delta().double(), want_delta, rtol=1e-5, atol=1e-5)
+
+
+def test_inducer_dropout_on_w_is_one_mask_per_query():
+    """§8 item 4: w̃ = Drop_p(w), one scalar per (batch, head, query), p = the attention dropout by default."""
+    torch.manual_seed(0)
+    layer = InducerAttention(8, 2, 4, 2, 3, False, False, False, None, {"dtype": torch.float64}).train()
+    q, k, v = (torch.randn(1, 2, 64, 4, dtype=torch.float64) for _ in range(3))
+    with torch.no_grad():
+        layer.value_b.zero_()
+        layer.value_b_bias.fill_(1.0)  # P^v = 1: O − O_plain = w̃ in every coordinate
+    torch.manual_seed(1)
+    o, _ = layer(None, q, k, v, KadaptMask(False, None), scaling=0.5, dropout=0.5)
+    # with the attention dropout off, only w̃'s dropout (p = 0.5 via w_dropout) acts
+    layer_w = InducerAttention(8, 2, 4, 2, 3, False, False, False, 0.5, {"dtype": torch.float64}).train()
+    layer_w.load_state_dict(layer.state_dict())
+    o_w, _ = layer_w(None, q, k, v, KadaptMask(False, None), scaling=0.5, dropout=0.0)
+    with torch.no_grad():
+        layer_w.value_b_bias.zero_()
+    o_attn, _ = layer_w(None, q, k, v, KadaptMask(False, None), scaling=0.5, dropout=0.0)  # no value term
+    extra = o_w - o_attn  # (B, T, H, d): w̃ broadcast over d
+    assert torch.allclose(extra, extra[..., :1].expand_as(extra))
+    dropped = extra[..., 0] == 0
+    assert 0.3 < dropped.double().mean() < 0.7  # about half the (head, query) scalars are dropped
+    kept = extra[..., 0][~dropped]
+    assert (kept > 0).all() and (kept <= 2.0).all()  # w / (1 − p) with w ∈ (0, 1)
+    assert o.shape == o_w.shape and not torch.equal(o, o_w)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# whole models
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("name", ["inducer", "inducer_gated_noext", "inducer_share_lora"])
+def test_inducer_model_triton_equals_reference(family, name):
+    """The fused (Triton; interpreter on CPU) path through the patched model = the reference, forward and
+    every trainable gradient. T5's relative position bias is reference-only: a forced Triton refuses it."""
+    model = _no_dropout(tiny(family).float())
+    kadapt.patch(model, CONFIGS[name]())
+    _bump(model)
+    model.train()
+    kw = inputs(family)
+    kw["attention_mask"][1, -2:] = 0
+    if family == "t5":
+        kadapt.set_backend("triton")
+        try:
+            with pytest.raises(RuntimeError, match="attn_bias: computed by the reference only"):
+                output(model, family, **kw)
+        finally:
+            kadapt.set_backend("auto")
+        return
+    params = [p for p in model.parameters() if p.requires_grad]
+    results = []
+    for backend in ("reference", "triton"):
+        kadapt.set_backend(backend)
+        try:
+            out = output(model, family, **kw)
+            results.append((out, torch.autograd.grad(out.square().sum(), params)))
+        finally:
+            kadapt.set_backend("auto")
+    (ref, g_ref), (tri, g_tri) = results
+    torch.testing.assert_close(tri, ref, rtol=1e-4, atol=1e-4)
+    for a, b in zip(g_tri, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "roberta", "t5"])
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_padding_does_not_leak(family, name):
+    """A right-padded row gives, at its valid positions, what the row alone gives."""
+    model = tiny(family)
+    kadapt.patch(model, CONFIGS[name]())
+    _bump(model)
+    kw = inputs(family, batch=2, length=9)
+    kw["attention_mask"][0, 6:] = 0
+    kw["input_ids"][0, 6:] = 1
+    both = output(model, family, **kw)
+    alone = {k: v[:1, :6] if k != "decoder_input_ids" else v[:1] for k, v in kw.items()}
+    single = output(model, family, **alone)
+    if family == "roberta":  # sequence classification: the <s> token's logits
+        torch.testing.assert_close(both[:1], single, rtol=1e-5, atol=1e-5)
+    elif family == "t5":
+        torch.testing.assert_close(both[:1], single, rtol=1e-5, atol=1e-5)
+    else:
+        torch.testing.assert_close(both[:1, :6], single, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "t5"])
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_greedy_generate_with_cache_equals_without(family, name):
+    model = tiny(family)
+    kadapt.patch(model, CONFIGS[name]())
+    _bump(model)
+    kw = inputs(family, batch=2, length=7)
+    kw.pop("decoder_input_ids", None)
+    if family == "gpt2":
+        kw["attention_mask"][0, :2] = 0  # left padding, as for batched decoding
+    else:
+        kw["attention_mask"][0, -2:] = 0
+    gen = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    with_cache = model.generate(**kw, use_cache=True, **gen)
+    without = model.generate(**kw, use_cache=False, **gen)
+    assert torch.equal(with_cache, without)
+    assert with_cache.shape[1] > kw["input_ids"].shape[1] or family == "t5"
+
+
+@pytest.mark.parametrize("family", ["gpt2", "roberta", "t5"])
+@pytest.mark.parametrize("name", ["prefix", "inducer", "mam"])
+def test_gradient_checkpointing_gives_the_same_gradients(family, name):
+    model = _no_dropout(tiny(family))
+    kadapt.patch(model, CONFIGS[name]())
+    _bump(model)
+    model.train()
+    kw = inputs(family)
+    params = [p for p in model.parameters() if p.requires_grad]
+    out = output(model, family, **kw)
+    g_plain = torch.autograd.grad(out.square().sum(), params)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    out_ckpt = output(model, family, **kw)
+    g_ckpt = torch.autograd.grad(out_ckpt.square().sum(), params)
+    torch.testing.assert_close(out_ckpt, out)
+    for a, b in zip(g_ckpt, g_plain):  # recomputation may take another SDPA kernel: rounding-level differences
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "roberta", "t5"])
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_eager_and_sdpa_models_agree(family, name):
+    outs = []
+    for implementation in ("sdpa", "eager"):
+        model = tiny(family)
+        model.set_attn_implementation(implementation)
+        torch.manual_seed(5)
+        kadapt.patch(model, CONFIGS[name]())
+        _bump(model)
+        kw = inputs(family)
+        kw["attention_mask"][1, -3:] = 0
+        outs.append(output(model, family, **kw))
+        kadapt.unpatch(model)
+        assert model.config._attn_implementation == implementation
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
+
+
+def test_methods_without_custom_attention_leave_sdpa_in_place():
+    model = tiny("gpt2")
+    for config in (kadapt.LoRAConfig(), kadapt.KernelMixConfig(), kadapt.ParallelAdapterConfig(bottleneck_dim=8),
+                   kadapt.AdapterConfig(bottleneck_dim=8)):
+        kadapt.patch(model, config)
+        assert model.config._attn_implementation == "sdpa"
+        kadapt.unpatch(model)
+    kadapt.patch(model, kadapt.InducerTuningConfig())
+    assert model.config._attn_implementation == "kadapt"
+    kadapt.unpatch(model)
+    assert model.config._attn_implementation == "sdpa"
+
+
+def test_t5_inducer_cross_attention_is_opt_in():
+    model = tiny("t5")
+    kadapt.patch(model, kadapt.InducerTuningConfig(key_width=2, value_width=3))
+    names = [n for n, _ in model.named_modules() if n.endswith("kadapt_attention")]
+    assert names and not any("EncDecAttention" in n for n in names)
+    kadapt.unpatch(model)
+    kadapt.patch(model, kadapt.InducerTuningConfig(key_width=2, value_width=3, cross_attention=True))
+    names = [n for n, _ in model.named_modules() if n.endswith("kadapt_attention")]
+    assert sum("EncDecAttention" in n for n in names) == 2
+    output(model, "t5").sum().backward()
+
+
+def test_eject_keeps_the_function_and_round_trips(tmp_path):
+    model = tiny("roberta")
+    model.save_pretrained(tmp_path / "base")
+    kadapt.patch(model, kadapt.MAMConfig(prefix=kadapt.PrefixTuningConfig(prefix_length=4, hidden_size=8)))
+    _bump(model)
+    before = output(model, "roberta")
+    kadapt.eject(model)
+    assert not any("kadapt_prefix" in n for n, _ in model.named_modules())
+    torch.testing.assert_close(output(model, "roberta"), before, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="already ejected"):
+        kadapt.eject(model)
+    kadapt.save_adapter(model, tmp_path / "adapter")
+    fresh = type(model).from_pretrained(tmp_path / "base").eval()
+    kadapt.load_adapter(fresh, tmp_path / "adapter")
+    assert torch.equal(output(fresh, "roberta"), output(model, "roberta"))
+    assert kadapt.patching.get_record(fresh).config.prefix.reparameterize is False
+
+
+def test_patched_inducer_model_compiles_fullgraph():
+    torch._dynamo.reset()
+    model = tiny("gpt2")
+    kadapt.patch(model, CONFIGS["inducer_share_lora"]())
+    kw = inputs("gpt2")
+    kw["attention_mask"][0, -2:] = 0
+    eager = output(model, "gpt2", **kw)
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(**kw).logits, eager)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# errors
+
+@pytest.mark.parametrize("make,field", [
+    (lambda: kadapt.InducerTuningConfig(key_width=-1), "key_width"),
+    (lambda: kadapt.InducerTuningConfig(value_width=0), "value_width"),
+    (lambda: kadapt.InducerTuningConfig(value_extension=False, head_share=True), "head_share"),
+    (lambda: kadapt.InducerTuningConfig(w_dropout=1.0), "w_dropout"),
+    (lambda: kadapt.InducerTuningConfig(lora=kadapt.LoRAConfig(targets=("query",))), "targets"),
+    (lambda: kadapt.InducerTuningConfig(lora={"r": 0}), "r"),
+    (lambda: kadapt.InducerTuningConfig(lora=kadapt.ParallelAdapterConfig()), "lora"),
+    (lambda: kadapt.PrefixTuningConfig(prefix_length=0), "prefix_length"),
+    (lambda: kadapt.PrefixTuningConfig(hidden_size=-2), "hidden_size"),
+    (lambda: kadapt.MAMConfig(parallel_adapter=kadapt.ParallelAdapterConfig(placement="attn")), "placement"),
+    (lambda: kadapt.MAMConfig(prefix={"method": "lora"}), "prefix"),
+])
+def test_bad_configs_name_the_field(make, field):
+    with pytest.raises(ValueError, match=field):
+        make()
+
+
+def test_unsupported_attention_implementation_leaves_the_model_untouched():
+    model = tiny("gpt2")
+    model.config._attn_implementation_internal = "flex_attention"
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="_attn_implementation"):
+        kadapt.patch(model, kadapt.InducerTuningConfig())
+    assert not kadapt.patching.is_patched(model) and model.config._attn_implementation == "flex_attention"
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+
+
+def test_configs_round_trip_through_dicts():
+    for make in CONFIGS.values():
+        cfg = make()
+        again = kadapt.KadaptConfig.from_dict(cfg.to_dict())
+        assert again == cfg and type(again) is type(cfg)
+    import json
+    cfg = kadapt.preset("kernel_adapters.nlg.inducer-mam")
+    assert kadapt.KadaptConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+
+
+def test_deepcopy_of_a_prefix_model_keeps_the_shared_encoder():
+    model = tiny("gpt2")
+    kadapt.patch(model, CONFIGS["prefix"]())
+    twin = copy.deepcopy(model)
+    enc = twin.kadapt_prefix_decoder_self
+    assert all(blk.attn.kadapt_attention._encoder is enc for blk in twin.transformer.h)
+    torch.testing.assert_close(output(twin, "gpt2"), output(model, "gpt2"))
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_t5_with_inner_width_other_than_d_model(name):
+    """T5 allows num_heads·d_kv ≠ d_model: prefixes use the inner width, the value extension maps to D."""
+    from transformers import T5Config, T5ForConditionalGeneration
+    torch.manual_seed(0)
+    model = T5ForConditionalGeneration(T5Config(vocab_size=100, d_model=48, d_kv=8, d_ff=64, num_layers=2,
+                                                num_heads=3, decoder_start_token_id=0)).eval()
+    kadapt.patch(model, CONFIGS[name]())
+    out = output(model, "t5", **inputs("t5"))
+    out.sum().backward()
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("family", ["gpt2", "roberta"])
+def test_inducer_model_compiles_fullgraph_on_the_fused_path(family):
+    """torch.compile(fullgraph=True) through kadapt's attention function and the inducer custom ops (Triton;
+    the interpreter and aot_eager on CPU, inductor on a GPU): forward and every trainable gradient = eager."""
+    torch._dynamo.reset()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = _no_dropout(tiny(family).float().to(device))
+    kadapt.patch(model, CONFIGS["inducer_share_lora"]())
+    _bump(model)
+    kadapt.set_backend("triton")
+    try:
+        kw = {k: v.to(device) for k, v in inputs(family).items()}
+        kw["attention_mask"][0, -2:] = 0
+        params = [p for p in model.parameters() if p.requires_grad]
+        eager = output(model, family, **kw)
+        g_eager = torch.autograd.grad(eager.square().sum(), params)
+        compiled = torch.compile(model, fullgraph=True, backend="inductor" if torch.cuda.is_available() else "aot_eager")
+        out = compiled(**kw).logits
+        g = torch.autograd.grad(out.square().sum(), params)
+    finally:
+        kadapt.set_backend("auto")
+    torch.testing.assert_close(out, eager, rtol=1e-4, atol=1e-5)
+    for a, b in zip(g, g_eager):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
