@@ -226,11 +226,12 @@ def test_padding_does_not_leak(family, name):
         torch.testing.assert_close(both[:1, :6], single, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("family", ["gpt2", "t5"])
-@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("family,name", [(f, n) for f in ("gpt2", "t5") for n in CONFIGS] + [("t5", "inducer_cross")])
 def test_greedy_generate_with_cache_equals_without(family, name):
     model = tiny(family)
-    kadapt.patch(model, CONFIGS[name]())
+    config = (kadapt.InducerTuningConfig(key_width=2, value_width=3, cross_attention=True) if name == "inducer_cross"
+              else CONFIGS[name]())
+    kadapt.patch(model, config)
     _bump(model)
     kw = inputs(family, batch=2, length=7)
     kw.pop("decoder_input_ids", None)
