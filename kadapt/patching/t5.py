@@ -69,24 +69,8 @@ class T5Backbone(Backbone):
                 sites.append(ParallelSite(name, i, "ffn", ffn, ffn, ffn.wo.weight))
         return sites
 
-    def kernel_mix_sites(self, cross_attention: bool = False) -> list[KernelMixSite]:
-        # Encoder self, decoder self (+ cross with cross_attention=True); k runs before v; o before dropout.
-        sites = []
-        for name, stack in self.stack_modules.items():
-            for i, block in enumerate(stack.block):
-                for layer in block.layer:
-                    attn, kind = getattr(layer, "SelfAttention", None), "self"
-                    if attn is None and cross_attention:
-                        attn, kind = getattr(layer, "EncDecAttention", None), "cross"
-                    if attn is None:
-                        continue
-                    inner = attn.n_heads * attn.key_value_proj_dim
-                    sites.append(KernelMixSite(name, i, kind, attn, (attn.q, (0, inner)), (attn.k, (0, inner)),
-                                               (attn.v, (0, inner)), (attn.o, (0, attn.o.out_features)),
-                                               attn.n_heads, attn.key_value_proj_dim))
-        return sites
-
     def attention_sites(self, cross_attention: bool = False) -> list[AttentionSite]:
+        # Encoder self, decoder self (+ cross with cross_attention=True), in model order; o before dropout.
         sites = []
         for name, stack in self.stack_modules.items():
             for i, block in enumerate(stack.block):
@@ -96,6 +80,16 @@ class T5Backbone(Backbone):
                         attn, kind = getattr(layer, "EncDecAttention", None), "cross"
                     if attn is not None:
                         sites.append(AttentionSite(name, i, kind, attn, attn.o, attn.n_heads, attn.key_value_proj_dim))
+        return sites
+
+    def kernel_mix_sites(self, cross_attention: bool = False) -> list[KernelMixSite]:
+        # The attention layers above; k runs before v.
+        sites = []
+        for s in self.attention_sites(cross_attention):
+            attn, inner = s.module, s.heads * s.head_dim
+            sites.append(KernelMixSite(s.stack, s.block, s.kind, attn, (attn.q, (0, inner)), (attn.k, (0, inner)),
+                                       (attn.v, (0, inner)), (attn.o, (0, attn.o.out_features)), s.heads,
+                                       s.head_dim))
         return sites
 
     def layer_norms(self) -> list[nn.Module]:
