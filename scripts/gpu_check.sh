@@ -6,12 +6,15 @@
 # --platform manylinux2014_x86_64 --platform any pytest hypothesis matplotlib`, numpy removed) and
 # pass `carry: [".wheels"]`.
 #
-#   bash scripts/gpu_check.sh [stages]      stages: any of build test bench train attn (default: build test bench)
+#   bash scripts/gpu_check.sh [stages]      stages: any of build test bench train attn attn_train
+#                                           (default: build test bench)
 #
 #   attn (opt-in): benchmarks/inducer_attention.py, bf16, the issue-4 sweep (fused inducer vs SDPA,
 #   FlexAttention + LSE, prefix via SDPA, the eager concat reference; d 64/128, L 512..4096, fwd and
 #   fwd+bwd, time and peak memory), extra flags from $ATTN_ARGS (e.g. ATTN_ARGS="--d 64" to fit a
 #   10-minute call: FlexAttention compiles once per (d, L)).
+#   attn_train (opt-in): one AdamW step on GPT-2 small, bf16, batch 8 × 512, for full fine-tuning, LoRA,
+#   kernel-mix, inducer, prefix and MAM (benchmarks/train_step.py).
 #
 # A fresh machine compiles every Triton specialisation the GPU tests reach (minutes) and the build
 # takes ~1.5 min: within the 10-minute limit of one device call run `build test` and `build bench`
@@ -68,4 +71,11 @@ fi
 if has train; then
     "$PY" benchmarks/train_step.py --family t5 --size base --device cuda --dtype bf16 --batch 32 --seq 128 \
         --out "$OUT" 2>&1 | tail -14 | tee "$OUT/train_step.txt"
+fi
+
+# End-to-end training step for the attention-side methods, GPT-2 small, bf16 (issue 4), opt-in.
+if has attn_train; then
+    "$PY" benchmarks/train_step.py --family gpt2 --size base --device cuda --dtype bf16 --batch 8 --seq 512 \
+        --methods full_finetune lora kernel_mix inducer_tuning prefix_tuning mam --out "$OUT" 2>&1 | tail -10 \
+        | tee "$OUT/train_step_attn.txt"
 fi
