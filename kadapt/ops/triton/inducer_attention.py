@@ -21,9 +21,20 @@ Backward (§12.1: only the FA2 delta changes):
                    inducer-logit term dQ += c ∂L/∂s0 (2q + φ + ((q B_kᵀ) ⊙ (1 − h²)) A_kᵀ)
 The key-MLP parameter gradients are O(T·d·m_k) token reductions left to the op layer.
 
+Attention-probability dropout (``dropout_p`` > 0; standard FA2 dropout, LSE, s0 and w never affected):
+  keep_ij ~ Bernoulli(1 − p), z_ij = keep_ij / (1 − p);  O_i = Σ_j P_ij z_ij v_j  (P the undropped softmax)
+  backward: dV += (P ⊙ z)ᵀ dO, dS = P ⊙ (z ⊙ (dO Vᵀ) − delta) with the same delta (O there is the dropped O).
+  The mask is never stored: every kernel recomputes keep_ij = tl.rand(key, i·Tk + j) ≥ p with the Philox key
+  key = seed32 + 2³²·bh (key words k0 = seed32, k1 = bh; seed32 = lo32(seed) XOR hi32(seed), so a seed
+  below 2³² is used as is) and the int32 counter i·Tk + j within the head: a function of (seed, bh, i, j)
+  only, identical in the forward and both backward kernels and independent of tiles and program layout.
+  Limits: Tq·Tk < 2³¹ (checked), bh < 2³¹. ``dropout_keep_mask`` materialises the same mask (tests, and the
+  PyTorch layer when it needs it). DROPOUT is a constexpr: the p = 0 kernels are the dropout-free ones.
+
 Accumulation is fp32; P and dS are cast to the input dtype before ``tl.dot`` (tensor cores); fp32 uses
 input_precision="ieee" (no TF32). Causal, key-padding and key-MLP switches are runtime/constexpr as noted at
-each kernel; only tile sizes, BD, BMK, HAS_MLP and the dtype make new compilations.
+each kernel; only tile sizes, BD, BMK, HAS_MLP, DROPOUT and the dtype make new compilations (the seed is a
+runtime int32 and is not specialised).
 """
 from __future__ import annotations
 
@@ -31,12 +42,21 @@ import torch
 import triton
 import triton.language as tl
 
-_NO_SPEC = ["H", "Tq", "Tk", "HAS_MASK", "CAUSAL"]
+_NO_SPEC = ["H", "Tq", "Tk", "HAS_MASK", "CAUSAL", "seed"]
+_MAX_DROPOUT_OFFSET = 2 ** 31  # the per-head Philox counter i·Tk + j is int32: Tq·Tk must stay below this
 
 
 @triton.jit
 def _tanh(u):
     return 2.0 * tl.sigmoid(2.0 * u) - 1.0
+
+
+@triton.jit
+def _dropout_keep(seed, bh, offs, dropout_p):
+    """keep mask (True = kept) of the counters ``offs`` = i·Tk + j (int32, any shape) of head ``bh``:
+    Philox keyed by (k0, k1) = (seed32, bh), uniform r ∈ [0, 1), keep iff r ≥ p."""
+    key = (seed.to(tl.int64) & 0xFFFFFFFF) | (bh.to(tl.int64) << 32)
+    return tl.rand(key, offs) >= dropout_p
 
 
 @triton.jit
@@ -60,8 +80,8 @@ def _key_mlp(q, ak_ptr, aa_ptr, bk_ptr, bb_ptr, head, D, MK, dims, dmask,
 
 @triton.jit(do_not_specialize=_NO_SPEC)
 def _fwd_kernel(q_ptr, k_ptr, v_ptr, ak_ptr, aa_ptr, bk_ptr, bb_ptr, kpm_ptr, o_ptr, lse_ptr, w_ptr,
-                scale, H, Tq, Tk, D, MK, HAS_MASK, CAUSAL,
-                HAS_MLP: tl.constexpr, PREC: tl.constexpr,
+                scale, H, Tq, Tk, D, MK, HAS_MASK, CAUSAL, seed, dropout_p, drop_scale,
+                HAS_MLP: tl.constexpr, PREC: tl.constexpr, DROPOUT: tl.constexpr,
                 BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BMK: tl.constexpr):
     dtype = q_ptr.dtype.element_ty
     pid_m = tl.program_id(0)
@@ -108,12 +128,17 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, ak_ptr, aa_ptr, bk_ptr, bb_ptr, kpm_ptr, o_
         alpha = tl.exp(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_base + cols[:, None] * D + dims[None, :], mask=cmask[:, None] & dmask[None, :], other=0.0)
+        if DROPOUT:  # l_i (hence LSE, w) uses the undropped p; the 1/(1 − p) goes in the epilogue
+            p = tl.where(_dropout_keep(seed, bh, rows[:, None] * Tk + cols[None, :], dropout_p), p, 0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(dtype), v, input_precision=PREC)
         m_i = m_new
 
     has = l_i > 0.0
     l_safe = tl.where(has, l_i, 1.0)
-    o = acc / l_safe[:, None]
+    if DROPOUT:
+        o = acc * (drop_scale / l_safe)[:, None]
+    else:
+        o = acc / l_safe[:, None]
     lse_safe = tl.where(has, m_i + tl.log(l_safe), 0.0)
     w = tl.where(has, tl.sigmoid(s0 - lse_safe), 1.0)
     lse = tl.where(has, lse_safe, float("-inf"))
@@ -146,8 +171,8 @@ def _bwd_preprocess(o_ptr, do_ptr, w_ptr, dw_ptr, dlse_ptr, delta_ptr, ds0_ptr, 
 
 @triton.jit(do_not_specialize=_NO_SPEC)
 def _bwd_dkdv(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, kpm_ptr, dk_ptr, dv_ptr,
-              scale, H, Tq, Tk, D, HAS_MASK, CAUSAL,
-              PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
+              scale, H, Tq, Tk, D, HAS_MASK, CAUSAL, seed, dropout_p, drop_scale,
+              PREC: tl.constexpr, DROPOUT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
     dtype = q_ptr.dtype.element_ty
     pid_n = tl.program_id(0)
     bh = tl.program_id(1)
@@ -187,11 +212,16 @@ def _bwd_dkdv(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, kpm_ptr, dk_ptr, 
         p_t = tl.where(valid, tl.exp(tl.where(valid, s_t - lse[None, :], 0.0)), 0.0)
         r_mask = rmask[:, None] & dmask[None, :]
         do = tl.load(do_base + rows[:, None] * D + dims[None, :], mask=r_mask, other=0.0)
-        dv += tl.dot(p_t.to(dtype), do, input_precision=PREC)
         do_t = tl.load(do_base + rows[None, :] * D + dims[:, None], mask=t_mask, other=0.0)
         dp_t = tl.dot(v, do_t, input_precision=PREC)
         delta = tl.load(delta_ptr + stat_base + rows, mask=rmask, other=0.0)
-        ds_t = p_t * (dp_t - delta[None, :])
+        if DROPOUT:  # z = keep / (1 − p), the same counters i·Tk + j as the forward (transposed tile)
+            z_t = tl.where(_dropout_keep(seed, bh, rows[None, :] * Tk + cols[:, None], dropout_p), drop_scale, 0.0)
+            dv += tl.dot((p_t * z_t).to(dtype), do, input_precision=PREC)
+            ds_t = p_t * (z_t * dp_t - delta[None, :])
+        else:
+            dv += tl.dot(p_t.to(dtype), do, input_precision=PREC)
+            ds_t = p_t * (dp_t - delta[None, :])
         q = tl.load(q_base + rows[:, None] * D + dims[None, :], mask=r_mask, other=0.0)
         dk += tl.dot(ds_t.to(dtype), q, input_precision=PREC)
     tl.store(dk_ptr + kv_off, (dk * scale).to(dtype), mask=kv_mask)
@@ -200,8 +230,8 @@ def _bwd_dkdv(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, kpm_ptr, dk_ptr, 
 
 @triton.jit(do_not_specialize=_NO_SPEC)
 def _bwd_dq(q_ptr, k_ptr, v_ptr, ak_ptr, aa_ptr, bk_ptr, bb_ptr, do_ptr, lse_ptr, delta_ptr, ds0_ptr, kpm_ptr,
-            dq_ptr, scale, H, Tq, Tk, D, MK, HAS_MASK, CAUSAL,
-            HAS_MLP: tl.constexpr, PREC: tl.constexpr,
+            dq_ptr, scale, H, Tq, Tk, D, MK, HAS_MASK, CAUSAL, seed, dropout_p, drop_scale,
+            HAS_MLP: tl.constexpr, PREC: tl.constexpr, DROPOUT: tl.constexpr,
             BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BMK: tl.constexpr):
     dtype = q_ptr.dtype.element_ty
     pid_m = tl.program_id(0)
@@ -242,7 +272,11 @@ def _bwd_dq(q_ptr, k_ptr, v_ptr, ak_ptr, aa_ptr, bk_ptr, bb_ptr, do_ptr, lse_ptr
         p = tl.where(valid, tl.exp(tl.where(valid, s - lse[:, None], 0.0)), 0.0)
         v_t = tl.load(v_base + cols[None, :] * D + dims[:, None], mask=t_mask, other=0.0)
         dp = tl.dot(do, v_t, input_precision=PREC)
-        ds = p * (dp - delta[:, None])
+        if DROPOUT:
+            z = tl.where(_dropout_keep(seed, bh, rows[:, None] * Tk + cols[None, :], dropout_p), drop_scale, 0.0)
+            ds = p * (z * dp - delta[:, None])
+        else:
+            ds = p * (dp - delta[:, None])
         k = tl.load(k_base + cols[:, None] * D + dims[None, :], mask=cmask[:, None] & dmask[None, :], other=0.0)
         dq += tl.dot(ds.to(dtype), k, input_precision=PREC)
     dq = dq * scale
@@ -263,6 +297,20 @@ def _bwd_dq(q_ptr, k_ptr, v_ptr, ak_ptr, aa_ptr, bk_ptr, bb_ptr, do_ptr, lse_ptr
         grad_s0 = 2.0 * qf
     dq += (scale * ds0)[:, None] * grad_s0
     tl.store(dq_ptr + r_off, dq.to(dtype), mask=r_mask)
+
+
+@triton.jit(do_not_specialize=["Tq", "Tk", "seed"])
+def _keep_mask_kernel(out_ptr, seed, Tq, Tk, dropout_p, BM: tl.constexpr, BN: tl.constexpr):
+    """out (BH, Tq, Tk) int8: the dropout keep mask the attention kernels use (same _dropout_keep call)."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    bh = tl.program_id(2)
+    rows = pid_m * BM + tl.arange(0, BM)
+    cols = pid_n * BN + tl.arange(0, BN)
+    offs = rows[:, None] * Tk + cols[None, :]
+    keep = _dropout_keep(seed, bh, offs, dropout_p)
+    tl.store(out_ptr + bh.to(tl.int64) * Tq * Tk + offs, keep.to(tl.int8),
+             mask=(rows < Tq)[:, None] & (cols < Tk)[None, :])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -287,6 +335,41 @@ def _prec(x: torch.Tensor) -> str:
     return "ieee" if x.dtype == torch.float32 else "tf32"
 
 
+def _seed32(seed: int) -> int:
+    """The Philox key word k0 as a signed int32 kernel argument (one compiled signature for every seed):
+    lo32(seed) XOR hi32(seed) of the seed taken mod 2⁶⁴ (a seed in [0, 2³²) is used as is)."""
+    s = int(seed) & 0xFFFFFFFFFFFFFFFF
+    s = (s ^ (s >> 32)) & 0xFFFFFFFF
+    return s - (1 << 32) if s >= (1 << 31) else s
+
+
+def _dropout_args(dropout_p: float, seed: int, Tq: int, Tk: int) -> tuple[int, float, float, bool]:
+    """(seed32, p, 1/(1 − p) (0 for p = 1: everything dropped), DROPOUT) of the kernels."""
+    p = float(dropout_p)
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1], got {dropout_p}")
+    if p == 0.0:
+        return 0, 0.0, 1.0, False
+    if Tq * Tk >= _MAX_DROPOUT_OFFSET:
+        raise ValueError(f"attention dropout needs Tq·Tk < 2^31 (int32 Philox counter i·Tk + j); got Tq={Tq}, "
+                         f"Tk={Tk}")
+    return _seed32(seed), p, (0.0 if p == 1.0 else 1.0 / (1.0 - p)), True
+
+
+def dropout_keep_mask(seed: int, B: int, H: int, Tq: int, Tk: int, dropout_p: float, device) -> torch.Tensor:
+    """bool (B, H, Tq, Tk), True = kept: the attention-probability dropout mask that ``inducer_attention_fwd`` /
+    ``_bwd`` with this ``seed`` and ``dropout_p`` apply (keep_ij = tl.rand(key(seed, b·H + h), i·Tk + j) ≥ p).
+    It runs the same RNG call in a Triton kernel on ``device`` (CPU tensors need TRITON_INTERPRET=1). p = 0 keeps
+    everything (the fused kernels then draw no random numbers at all)."""
+    seed32, p, _, _ = _dropout_args(dropout_p, seed, Tq, Tk)
+    out = torch.empty((B, H, Tq, Tk), device=device, dtype=torch.int8)
+    if out.numel() == 0 or p == 0.0:
+        return out.fill_(1).bool()
+    bm, bn, _ = _tiles(16, out.is_cuda)
+    _keep_mask_kernel[(triton.cdiv(Tq, bm), triton.cdiv(Tk, bn), B * H)](out, seed32, Tq, Tk, p, BM=bm, BN=bn)
+    return out.bool()
+
+
 def _mlp_args(q, A_k, a_k, B_k, b_k):
     if A_k is None:
         return q, q, q, q, 1, 16, False
@@ -294,9 +377,11 @@ def _mlp_args(q, A_k, a_k, B_k, b_k):
     return A_k, a_k, B_k, b_k, mk, max(16, triton.next_power_of_2(mk)), True
 
 
-def inducer_attention_fwd(q, k, v, A_k, a_k, B_k, b_k, kpm, scale: float, causal: bool):
+def inducer_attention_fwd(q, k, v, A_k, a_k, B_k, b_k, kpm, scale: float, causal: bool, *, dropout_p: float = 0.0,
+                          seed: int = 0):
     """(O (B, H, Tq, d) in q's dtype, LSE (B, H, Tq) fp32, w (B, H, Tq) fp32) for contiguous inputs;
-    kpm is an int8 (B, Tk) keep-mask or None."""
+    kpm is an int8 (B, Tk) keep-mask or None. ``dropout_p`` > 0 drops attention probabilities in O only
+    (mask ``dropout_keep_mask(seed, ...)``; LSE and w are unaffected); the backward needs the same seed and p."""
     B, H, Tq, D = q.shape
     Tk = k.shape[2]
     o = _empty(q.shape, device=q.device, dtype=q.dtype)
@@ -304,18 +389,21 @@ def inducer_attention_fwd(q, k, v, A_k, a_k, B_k, b_k, kpm, scale: float, causal
     w = _empty((B, H, Tq), device=q.device, dtype=torch.float32)
     if B * H * Tq == 0:
         return o, lse, w
+    seed32, p, drop_scale, dropout = _dropout_args(dropout_p, seed, Tq, Tk)
     bm, bn, warps = _tiles(D, q.is_cuda)
     bd = max(16, triton.next_power_of_2(D))
     a0, a1, a2, a3, mk, bmk, has_mlp = _mlp_args(q, A_k, a_k, B_k, b_k)
     _fwd_kernel[(triton.cdiv(Tq, bm), B * H)](
         q, k, v, a0, a1, a2, a3, kpm if kpm is not None else q, o, lse, w,
-        scale, H, Tq, Tk, D, mk, int(kpm is not None), int(causal),
-        HAS_MLP=has_mlp, PREC=_prec(q), BM=bm, BN=bn, BD=bd, BMK=bmk, num_warps=warps)
+        scale, H, Tq, Tk, D, mk, int(kpm is not None), int(causal), seed32, p, drop_scale,
+        HAS_MLP=has_mlp, PREC=_prec(q), DROPOUT=dropout, BM=bm, BN=bn, BD=bd, BMK=bmk, num_warps=warps)
     return o, lse, w
 
 
-def inducer_attention_bwd(q, k, v, A_k, a_k, B_k, b_k, kpm, o, lse, w, do, dlse, dw, scale: float, causal: bool):
-    """(dq, dk, dv, ∂L/∂s0 (B, H, Tq) fp32) for contiguous inputs and upstream gradients do, dlse, dw."""
+def inducer_attention_bwd(q, k, v, A_k, a_k, B_k, b_k, kpm, o, lse, w, do, dlse, dw, scale: float, causal: bool, *,
+                          dropout_p: float = 0.0, seed: int = 0):
+    """(dq, dk, dv, ∂L/∂s0 (B, H, Tq) fp32) for contiguous inputs and upstream gradients do, dlse, dw;
+    ``dropout_p`` and ``seed`` must be those of the forward that produced o (the mask is recomputed)."""
     B, H, Tq, D = q.shape
     Tk = k.shape[2]
     dq = _empty(q.shape, device=q.device, dtype=q.dtype)
@@ -329,6 +417,7 @@ def inducer_attention_bwd(q, k, v, A_k, a_k, B_k, b_k, kpm, o, lse, w, do, dlse,
         dk.zero_()
         dv.zero_()
         return dq, dk, dv, ds0
+    seed32, p, drop_scale, dropout = _dropout_args(dropout_p, seed, Tq, Tk)
     bm, bn, warps = _tiles(D, q.is_cuda)
     bd = max(16, triton.next_power_of_2(D))
     a0, a1, a2, a3, mk, bmk, has_mlp = _mlp_args(q, A_k, a_k, B_k, b_k)
@@ -339,9 +428,9 @@ def inducer_attention_bwd(q, k, v, A_k, a_k, B_k, b_k, kpm, o, lse, w, do, dlse,
     if Tk > 0:
         _bwd_dkdv[(triton.cdiv(Tk, bn), B * H)](
             q, k, v, do, lse, delta, mask_arg, dk, dv, scale, H, Tq, Tk, D, int(kpm is not None), int(causal),
-            PREC=prec, BM=bm, BN=bn, BD=bd, num_warps=warps)
+            seed32, p, drop_scale, PREC=prec, DROPOUT=dropout, BM=bm, BN=bn, BD=bd, num_warps=warps)
     _bwd_dq[(triton.cdiv(Tq, bm), B * H)](
         q, k, v, a0, a1, a2, a3, do, lse, delta, ds0, mask_arg, dq, scale, H, Tq, Tk, D, mk,
-        int(kpm is not None), int(causal),
-        HAS_MLP=has_mlp, PREC=prec, BM=bm, BN=bn, BD=bd, BMK=bmk, num_warps=warps)
+        int(kpm is not None), int(causal), seed32, p, drop_scale,
+        HAS_MLP=has_mlp, PREC=prec, DROPOUT=dropout, BM=bm, BN=bn, BD=bd, BMK=bmk, num_warps=warps)
     return dq, dk, dv, ds0

@@ -1,0 +1,371 @@
+"""Attention-probability dropout inside the Triton inducer-attention kernels
+(kadapt/ops/triton/inducer_attention.py: ``dropout_p`` / ``seed`` of inducer_attention_fwd / _bwd, and
+``dropout_keep_mask``).
+
+Truth: the float64 reference below with an explicit multiplicative mask z = keep / (1 − p):
+    P_ij = exp(s_ij − LSE_i) over the visible keys, O_i = Σ_j P_ij z_ij v_j, LSE and w = σ(s0 − LSE) undropped,
+and its autograd gradients (dq incl. the inducer-logit path, dk, dv, ∂L/∂s0) under random dO, dLSE, dw.
+
+1. ≥ 30 random configurations (B ∈ {1, 2}, H ∈ {1, 3}, d ∈ {16, 32, 40}, Tq, Tk off the tile multiples, causal
+   incl. Tq ≠ Tk, int8 key padding incl. a fully padded batch row, with/without key MLP, p ∈ {0.1, 0.5}, several
+   interpreter tile shapes): mask from dropout_keep_mask, fused forward and backward vs the reference.
+2. The mask of dropout_keep_mask is the one the forward applied: v = identity (v_j = e_j) gives O_ij = P_ij z_ij.
+3. Mask statistics and determinism: keep rate ≈ 1 − p, seeds, heads and batch rows differ, same seed repeats,
+   independence of the tile sizes and of (B, H) vs (B·H) layout and of Tq, seeds ≥ 2³¹.
+4. p = 0 through the new arguments is bit-identical to the old call; p > 0 leaves LSE and w bit-identical;
+   p = 1 drops everything; bad p raises.
+
+Without a GPU the kernels run in Triton's interpreter in fp32 (tests/conftest.py sets TRITON_INTERPRET); every
+output buffer is NaN-poisoned through the module's ``_empty`` hook.
+"""
+from __future__ import annotations
+
+import importlib
+import math
+import random
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from kadapt import backends
+
+GPU = torch.cuda.is_available()
+DEVICE = "cuda" if GPU else "cpu"
+
+if not backends.triton_importable():
+    pytest.skip("triton is not installed", allow_module_level=True)
+if not GPU and not backends.triton_interpret():
+    pytest.skip("no GPU and TRITON_INTERPRET is not 1 (set by tests/conftest.py)", allow_module_level=True)
+
+K = importlib.import_module("kadapt.ops.triton.inducer_attention")
+
+
+@pytest.fixture(autouse=True)
+def poisoned(monkeypatch):
+    """NaN-fill every float buffer the host functions allocate (records the shapes)."""
+    calls: list[tuple] = []
+    if hasattr(K, "_empty"):
+        def nan_empty(shape, *, device, dtype):
+            calls.append(tuple(shape))
+            return torch.full(shape, float("nan"), device=device, dtype=dtype)
+
+        monkeypatch.setattr(K, "_empty", nan_empty)
+    return calls
+
+
+def set_tiles(monkeypatch, tiles):
+    """Interpreter tiles (BM, BN); on a GPU the real tiles are kept."""
+    if tiles is not None and not GPU:
+        monkeypatch.setattr(K, "_tiles", lambda d, on_gpu: (*tiles, 4))
+
+
+# ---------------------------------------------------------------------------------------------
+# float64 reference with an explicit dropout multiplier z
+
+def visible(B, Tq, Tk, causal, kpm):
+    """(B, 1, Tq, Tk) bool: query i may see key j."""
+    keep = torch.ones((B, 1, Tq, Tk), dtype=torch.bool)
+    if causal:
+        i = torch.arange(Tq)[:, None]
+        j = torch.arange(Tk)[None, :]
+        keep = keep & (j <= i + (Tk - Tq))
+    if kpm is not None:
+        keep = keep & kpm.bool()[:, None, None, :]
+    return keep
+
+
+def reference(q, k, v, mlp, kpm, scale, causal, z):
+    """(O, LSE, w, s0) in q's dtype; z (B, H, Tq, Tk) multiplies the probabilities in O only."""
+    B, H, Tq, _ = q.shape
+    Tk = k.shape[2]
+    vis = visible(B, Tq, Tk, causal, kpm)
+    any_key = vis.any(-1)
+    s = (scale * q @ k.transpose(-1, -2)).masked_fill(~vis, float("-inf"))
+    s = torch.where(any_key[..., None], s, torch.zeros((), dtype=s.dtype))
+    lse_safe = torch.logsumexp(s, -1)
+    p = torch.exp(s - lse_safe[..., None]) * vis
+    o = (p * z) @ v
+    if mlp is None:
+        phi = torch.zeros_like(q)
+    else:
+        A, a, Bm, b = mlp
+        h = torch.tanh(torch.einsum("bhtd,hdm->bhtm", q, A) + a[:, None, :])
+        phi = torch.einsum("bhtm,hmd->bhtd", h, Bm) + b[:, None, :]
+    s0 = scale * (q * (q + phi)).sum(-1)
+    w = torch.where(any_key, torch.sigmoid(s0 - lse_safe), torch.ones((), dtype=s0.dtype))
+    lse = torch.where(any_key, lse_safe, torch.full((), float("-inf"), dtype=s.dtype))
+    return o, lse, w, s0, p
+
+
+def reference_grads(q, k, v, mlp, kpm, scale, causal, z, do, dlse, dw):
+    """float64 (O, LSE, w) and (dq, dk, dv, ∂L/∂s0) of L = ⟨dO, O⟩ + ⟨dLSE, LSE⟩ + ⟨dw, w⟩."""
+    leaves = [t.detach().cpu().double().requires_grad_() for t in (q, k, v)]
+    mlp64 = None if mlp is None else [t.detach().cpu().double() for t in mlp]
+    o, lse, w, s0, _ = reference(*leaves, mlp64, None if kpm is None else kpm.cpu(), scale, causal, z.double().cpu())
+    fin = torch.isfinite(lse)
+    ups = [t.detach().cpu().double() for t in (do, dlse, dw)]
+    loss = (o * ups[0]).sum() + (torch.where(fin, lse, 0) * ups[1]).sum() + (w * ups[2]).sum()
+    dq, dk, dv, ds0 = torch.autograd.grad(loss, [*leaves, s0], allow_unused=True)
+    return (o.detach(), lse.detach(), w.detach()), (dq, dk, dv, ds0)
+
+
+def assert_close(got, ref, what, rtol=1e-4, atol=1e-5):
+    """max |got − ref| ≤ rtol·max|ref| + atol; −inf entries must coincide; no NaN (unwritten output)."""
+    got = got.detach().cpu().double()
+    ref = ref.detach().cpu().double()
+    assert got.shape == ref.shape, f"{what}: shape {tuple(got.shape)} != {tuple(ref.shape)}"
+    assert not torch.isnan(got).any(), f"{what}: NaN (unwritten output?)"
+    inf = torch.isinf(ref)
+    assert torch.equal(torch.isinf(got), inf), f"{what}: infinite entries differ"
+    got, ref = torch.where(inf, 0, got), torch.where(inf, 0, ref)
+    if got.numel() == 0:
+        return
+    err = (got - ref).abs().max().item()
+    allowed = rtol * ref.abs().max().item() + atol
+    assert err <= allowed, f"{what}: max error {err:.3g} > {allowed:.3g}"
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. random configurations vs the reference with the explicit mask
+
+@dataclass(frozen=True)
+class Config:
+    index: int
+    B: int
+    H: int
+    Tq: int
+    Tk: int
+    d: int
+    m_k: int            # 0: no key MLP
+    causal: bool
+    padding: str        # none | random | full_row
+    p: float
+    seed: int
+    tiles: tuple        # interpreter (BM, BN)
+
+
+LENGTHS = [1, 5, 17, 33, 70]
+
+
+def draw_config(index: int) -> Config:
+    """Switches cycle (causal: index mod 2, p: index div 2 mod 2, key MLP: index div 4 mod 2, padding: index mod
+    3); lengths, sizes, seed and tiles are drawn."""
+    rng = random.Random(7919 * index + 11)
+    B, H = rng.choice([1, 2]), rng.choice([1, 3])
+    Tq, Tk = rng.choice(LENGTHS), rng.choice(LENGTHS)
+    padding = ["none", "random", "full_row"][index % 3]
+    if padding == "full_row":
+        B = 2
+    if B * H * max(Tq, 16) * max(Tk, 16) > 3000:  # CPU time of the interpreter
+        H = 1
+        if padding != "full_row":
+            B = rng.choice([1, 2])
+    return Config(index=index, B=B, H=H, Tq=Tq, Tk=Tk, d=rng.choice([16, 32, 40]),
+                  m_k=rng.choice([3, 5]) if index // 4 % 2 else 0, causal=index % 2 == 0, padding=padding,
+                  p=[0.1, 0.5][index // 2 % 2], seed=rng.randrange(2 ** 40),
+                  tiles=rng.choice([(16, 16), (16, 16), (32, 16), (16, 32)]))
+
+
+CONFIGS = [draw_config(i) for i in range(32)]
+
+
+def make_case(cfg: Config):
+    gen = torch.Generator().manual_seed(cfg.index)
+    r = lambda *shape, s=1.0: (s * torch.randn(shape, generator=gen)).to(DEVICE)  # noqa: E731
+    B, H, d, m = cfg.B, cfg.H, cfg.d, cfg.m_k
+    q, k, v = r(B, H, cfg.Tq, d), r(B, H, cfg.Tk, d), r(B, H, cfg.Tk, d)
+    mlp = (r(H, d, m, s=d ** -0.5), r(H, m, s=0.5), r(H, m, d, s=0.5), r(H, d, s=0.3)) if m else None
+    kpm = None
+    if cfg.padding != "none":
+        kpm = torch.rand(B, cfg.Tk, generator=gen) < 0.7
+        if cfg.padding == "full_row":
+            kpm[cfg.index % B] = False
+        kpm = kpm.to(torch.int8).to(DEVICE)
+    ups = (r(B, H, cfg.Tq, d), r(B, H, cfg.Tq), r(B, H, cfg.Tq))
+    return q, k, v, mlp, kpm, ups
+
+
+def run_fused(cfg, q, k, v, mlp, kpm, ups, scale, **drop):
+    mlp_args = mlp if mlp is not None else (None,) * 4
+    o, lse, w = K.inducer_attention_fwd(q, k, v, *mlp_args, kpm, scale, cfg.causal, **drop)
+    grads = K.inducer_attention_bwd(q, k, v, *mlp_args, kpm, o, lse, w, *ups, scale, cfg.causal, **drop)
+    return (o, lse, w), grads
+
+
+def test_config_coverage():
+    c = CONFIGS
+    assert len(c) >= 30
+    assert {x.B for x in c} == {1, 2} and {x.H for x in c} == {1, 3} and {x.d for x in c} == {16, 32, 40}
+    assert {x.p for x in c} == {0.1, 0.5} and {x.padding for x in c} == {"none", "random", "full_row"}
+    assert {x.m_k > 0 for x in c} == {True, False} and {x.causal for x in c} == {True, False}
+    assert sum(x.causal and x.Tq < x.Tk for x in c) >= 3 and sum(x.causal and x.Tq > x.Tk for x in c) >= 3
+    assert {x.Tq for x in c} == set(LENGTHS) and {x.Tk for x in c} == set(LENGTHS)
+    assert sum(x.Tq > 32 and x.Tk > 32 for x in c) >= 3  # several tiles in both loops
+    assert len({x.tiles for x in c}) == 3 and sum(x.B * x.H > 1 for x in c) >= 10
+
+
+@pytest.mark.parametrize("chunk", range(3))
+def test_random_configs_match_reference(chunk, monkeypatch, poisoned):
+    for cfg in CONFIGS[chunk::3]:
+        set_tiles(monkeypatch, cfg.tiles)
+        q, k, v, mlp, kpm, ups = make_case(cfg)
+        scale = cfg.d ** -0.5
+        keep = K.dropout_keep_mask(cfg.seed, cfg.B, cfg.H, cfg.Tq, cfg.Tk, cfg.p, DEVICE)
+        assert keep.dtype == torch.bool and keep.shape == (cfg.B, cfg.H, cfg.Tq, cfg.Tk)
+        z = keep.double() / (1 - cfg.p)
+        del poisoned[:]
+        (o, lse, w), (dq, dk, dv, ds0) = run_fused(cfg, q, k, v, mlp, kpm, ups, scale,
+                                                   dropout_p=cfg.p, seed=cfg.seed)
+        assert len(poisoned) >= 8, "the outputs did not come from the poisoned allocator"
+        (o64, lse64, w64), (dq64, dk64, dv64, ds064) = reference_grads(q, k, v, mlp, kpm, scale, cfg.causal, z, *ups)
+        label = str(cfg)
+        assert_close(o, o64, f"O {label}")
+        assert_close(lse, lse64, f"LSE {label}")
+        assert_close(w, w64, f"w {label}")
+        assert_close(dq, dq64, f"dq {label}")
+        assert_close(dk, dk64, f"dk {label}")
+        assert_close(dv, dv64, f"dv {label}")
+        assert_close(ds0, ds064, f"ds0 {label}")
+        if cfg.padding == "full_row":  # the fully padded batch row: O = 0, LSE = −inf, w = 1, no k/v gradient
+            row = cfg.index % cfg.B
+            assert not o[row].any() and torch.isneginf(lse[row]).all() and (w[row] == 1).all()
+            assert not dk[row].any() and not dv[row].any()
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. the mask of dropout_keep_mask is the one the forward applied (v = identity)
+
+@pytest.mark.parametrize("tiles", [(16, 16), (32, 16)])
+@pytest.mark.parametrize("causal, padded", [(False, False), (True, True)])
+def test_forward_applies_the_returned_mask(tiles, causal, padded, monkeypatch):
+    set_tiles(monkeypatch, tiles)
+    B, H, Tq, Tk, d, p, seed = 2, 3, 37, 29, 32, 0.5, 2024
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(B, H, Tq, d, generator=gen).to(DEVICE)
+    k = torch.randn(B, H, Tk, d, generator=gen).to(DEVICE)
+    v = torch.zeros(B, H, Tk, d)
+    v[..., torch.arange(Tk), torch.arange(Tk)] = 1.0  # v_j = e_j: O_ij = P_ij z_ij
+    v = v.to(DEVICE)
+    kpm = None
+    if padded:
+        kpm = (torch.rand(B, Tk, generator=gen) < 0.8).to(torch.int8)
+        kpm[1, :3] = 0
+        kpm = kpm.to(DEVICE)
+    scale = d ** -0.5
+    o, lse, w = K.inducer_attention_fwd(q, k, v, None, None, None, None, kpm, scale, causal, dropout_p=p, seed=seed)
+    keep = K.dropout_keep_mask(seed, B, H, Tq, Tk, p, DEVICE).cpu()
+    _, _, _, _, prob = reference(q.cpu().double(), k.cpu().double(), v.cpu().double(), None,
+                                 None if kpm is None else kpm.cpu(), scale, causal, torch.ones(()))
+    vis = prob > 0
+    assert vis.sum() > 1000 and (~vis).sum() > (100 if causal else -1)
+    got = o[..., :Tk].cpu().double()
+    assert not o[..., Tk:].any()
+    # exact zeros exactly where a visible key was dropped (or the key is invisible)
+    assert torch.equal(got != 0, keep & vis)
+    torch.testing.assert_close(got, prob * keep / (1 - p), rtol=1e-5, atol=1e-7)
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. mask statistics and determinism
+
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_keep_rate_and_seeds(p, monkeypatch):
+    set_tiles(monkeypatch, (64, 64))  # fewer interpreter programs
+    B, H, Tq, Tk = 2, 4, 64, 96
+    n = B * H * Tq * Tk
+    keep = K.dropout_keep_mask(7, B, H, Tq, Tk, p, DEVICE).cpu()
+    sigma = math.sqrt(p * (1 - p) / n)
+    assert abs(keep.float().mean().item() - (1 - p)) < 5 * sigma
+    # per (batch, head) rates too (n/8 samples each)
+    rates = keep.float().mean((2, 3))
+    assert ((rates - (1 - p)).abs() < 5 * math.sqrt(p * (1 - p) / (Tq * Tk))).all()
+    assert torch.equal(keep, K.dropout_keep_mask(7, B, H, Tq, Tk, p, DEVICE).cpu())  # same seed, same mask
+    agree = p * p + (1 - p) ** 2  # of two independent masks
+    sig_agree = math.sqrt(agree * (1 - agree) / n)
+    for other in (8, 2 ** 31 + 7, 2 ** 40 + 7):  # different seeds (incl. the int32 sign bit)
+        k2 = K.dropout_keep_mask(other, B, H, Tq, Tk, p, DEVICE).cpu()
+        assert abs((k2 == keep).float().mean().item() - agree) < 6 * sig_agree, other
+    # heads and batch rows are distinct streams
+    flat = keep.reshape(B * H, Tq * Tk)
+    for a, b in [(0, 1), (0, H), (1, B * H - 1)]:
+        assert abs((flat[a] == flat[b]).float().mean().item() - agree) < 6 * math.sqrt(agree * (1 - agree) / (Tq * Tk))
+    # a neighbouring (i, j) is no copy either: the rows of one head are not shifted versions of each other
+    shifted = keep[..., 1:, :] == keep[..., :-1, :]
+    assert abs(shifted.float().mean().item() - agree) < 6 * math.sqrt(agree * (1 - agree) / shifted.numel())
+
+
+def test_mask_is_a_function_of_seed_bh_i_j(monkeypatch):
+    seed, p = 123456789, 0.3
+    set_tiles(monkeypatch, (16, 16))
+    ref = K.dropout_keep_mask(seed, 2, 3, 45, 38, p, DEVICE).cpu()
+    for tiles in [(32, 64), (64, 16)]:  # tile sizes / program layout
+        set_tiles(monkeypatch, tiles)
+        assert torch.equal(K.dropout_keep_mask(seed, 2, 3, 45, 38, p, DEVICE).cpu(), ref), tiles
+    set_tiles(monkeypatch, (16, 16))
+    # (B, H) only through bh = b·H + h
+    assert torch.equal(K.dropout_keep_mask(seed, 1, 6, 45, 38, p, DEVICE).cpu().reshape(2, 3, 45, 38), ref)
+    # more query rows with the same Tk: the first rows unchanged (counter i·Tk + j)
+    assert torch.equal(K.dropout_keep_mask(seed, 2, 3, 60, 38, p, DEVICE).cpu()[:, :, :45], ref)
+    # p only sets the threshold: a smaller p keeps a superset
+    loose = K.dropout_keep_mask(seed, 2, 3, 45, 38, 0.1, DEVICE).cpu()
+    assert (loose | ~ref).all() and (loose & ~ref).any()
+
+
+def test_backward_uses_the_same_mask_under_other_tiles(monkeypatch):
+    """Forward and backward under different tiles (and BM ≠ BN) still agree with the reference: the mask does
+    not depend on the program layout of any kernel."""
+    cfg = Config(index=999, B=2, H=1, Tq=33, Tk=40, d=16, m_k=3, causal=True, padding="random", p=0.5,
+                 seed=99, tiles=(16, 16))
+    q, k, v, mlp, kpm, ups = make_case(cfg)
+    scale = 0.3
+    z = K.dropout_keep_mask(cfg.seed, cfg.B, cfg.H, cfg.Tq, cfg.Tk, cfg.p, DEVICE).double() / (1 - cfg.p)
+    set_tiles(monkeypatch, (32, 16))
+    mlp_args = mlp
+    o, lse, w = K.inducer_attention_fwd(q, k, v, *mlp_args, kpm, scale, True, dropout_p=cfg.p, seed=cfg.seed)
+    set_tiles(monkeypatch, (16, 32))
+    grads = K.inducer_attention_bwd(q, k, v, *mlp_args, kpm, o, lse, w, *ups, scale, True, dropout_p=cfg.p,
+                                    seed=cfg.seed)
+    (o64, _, _), grads64 = reference_grads(q, k, v, mlp, kpm, scale, True, z, *ups)
+    assert_close(o, o64, "O")
+    for name, g, g64 in zip(("dq", "dk", "dv", "ds0"), grads, grads64):
+        assert_close(g, g64, name)
+    # a different seed in the backward is a different mask: dv no longer matches
+    wrong = K.inducer_attention_bwd(q, k, v, *mlp_args, kpm, o, lse, w, *ups, scale, True, dropout_p=cfg.p,
+                                    seed=cfg.seed + 1)
+    assert (wrong[2].cpu().double() - grads64[2]).abs().max() > 1e-2
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. p = 0 is the old path bit for bit; LSE and w never change; p = 1; bad arguments
+
+@pytest.mark.parametrize("with_mlp", [False, True])
+def test_p0_bit_identical_and_lse_w_untouched(with_mlp, monkeypatch):
+    cfg = Config(index=5, B=2, H=2, Tq=21, Tk=34, d=40, m_k=4 if with_mlp else 0, causal=True, padding="full_row",
+                 p=0.0, seed=0, tiles=(16, 32))
+    set_tiles(monkeypatch, cfg.tiles)
+    q, k, v, mlp, kpm, ups = make_case(cfg)
+    old = run_fused(cfg, q, k, v, mlp, kpm, ups, 0.2)
+    for drop in ({"dropout_p": 0.0, "seed": 12345}, {"seed": 2 ** 31 + 3}):
+        new = run_fused(cfg, q, k, v, mlp, kpm, ups, 0.2, **drop)
+        for a, b in zip((*old[0], *old[1]), (*new[0], *new[1])):
+            assert torch.equal(a, b), drop
+    (o, lse, w), (dq, dk, dv, ds0) = run_fused(cfg, q, k, v, mlp, kpm, ups, 0.2, dropout_p=0.5, seed=1)
+    assert torch.equal(lse, old[0][1]) and torch.equal(w, old[0][2])  # the softmax statistics are undropped
+    assert not torch.equal(o, old[0][0])
+    # p = 1: everything dropped (z = 0): O = 0, dv = 0, LSE and w unchanged
+    (o1, lse1, w1), (_, _, dv1, _) = run_fused(cfg, q, k, v, mlp, kpm, ups, 0.2, dropout_p=1.0, seed=1)
+    assert not o1.any() and not dv1.any() and torch.equal(lse1, lse) and torch.equal(w1, w)
+    assert not K.dropout_keep_mask(1, 2, 2, 21, 34, 1.0, DEVICE).any()
+    assert K.dropout_keep_mask(1, 2, 2, 21, 34, 0.0, DEVICE).all()
+
+
+def test_bad_dropout_p_raises():
+    q = torch.randn(1, 1, 3, 16, device=DEVICE)
+    for p in (-0.1, 1.5):
+        with pytest.raises(ValueError, match="dropout_p"):
+            K.inducer_attention_fwd(q, q, q, None, None, None, None, None, 0.25, False, dropout_p=p)
+        with pytest.raises(ValueError, match="dropout_p"):
+            K.dropout_keep_mask(0, 1, 1, 3, 3, p, DEVICE)
+    with pytest.raises(ValueError, match="Tq·Tk < 2"):
+        K.dropout_keep_mask(0, 1, 1, 2 ** 16, 2 ** 15, 0.1, DEVICE)
