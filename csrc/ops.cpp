@@ -28,6 +28,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_adapter_bwd_cud
 at::Tensor kron_weight_cuda(const at::Tensor& A, const at::Tensor& B,
                             const std::optional<at::Tensor>& t);
 
+// csrc/inducer_attention.cu
+std::tuple<at::Tensor, at::Tensor, at::Tensor> inducer_attention_fwd_cuda(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const std::optional<at::Tensor>& A_k, const std::optional<at::Tensor>& a_k,
+    const std::optional<at::Tensor>& B_k, const std::optional<at::Tensor>& b_k,
+    const std::optional<at::Tensor>& kpm, double scale, bool causal);
+
 }  // namespace kadapt
 
 TORCH_LIBRARY(kadapt, m) {
@@ -41,12 +48,19 @@ TORCH_LIBRARY(kadapt, m) {
       "int activation) -> (Tensor dx, Tensor g_z, Tensor h, Tensor db_up)");
   // W = Σ_i A_i ⊗ B_i (B_i = s_i·t_i when t is given), in B's dtype.
   m.def("kron_weight(Tensor A, Tensor B, Tensor? t) -> Tensor");
+  // Inducer attention forward (METHODS.md §8, §12.1) for contiguous q (B, H, Tq, d), k, v
+  // (B, H, Tk, d), the optional key MLP (A_k (H, d, m_k), a_k (H, m_k), B_k (H, m_k, d), b_k (H, d))
+  // and int8 key padding mask kpm (B, Tk): O (q's dtype), LSE and w = σ(s0 − LSE) (fp32, (B, H, Tq)).
+  m.def(
+      "inducer_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? A_k, Tensor? a_k, Tensor? B_k, "
+      "Tensor? b_k, Tensor? kpm, float scale, bool causal) -> (Tensor O, Tensor LSE, Tensor w)");
 }
 
 TORCH_LIBRARY_IMPL(kadapt, CUDA, m) {
   m.impl("fused_adapter_fwd", &kadapt::fused_adapter_fwd_cuda);
   m.impl("fused_adapter_bwd", &kadapt::fused_adapter_bwd_cuda);
   m.impl("kron_weight", &kadapt::kron_weight_cuda);
+  m.impl("inducer_attention_fwd", &kadapt::inducer_attention_fwd_cuda);
 }
 
 static struct PyModuleDef kadapt_c_module = {

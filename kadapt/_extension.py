@@ -16,11 +16,19 @@ _loaded = False
 _error: str | None = None
 _build_info: dict | None = None
 
-OPS = ("fused_adapter_fwd", "fused_adapter_bwd", "kron_weight")
+OPS = ("fused_adapter_fwd", "fused_adapter_bwd", "kron_weight", "inducer_attention_fwd")
 
 # The largest bottleneck m that kadapt::fused_adapter_fwd / _bwd take (csrc/fused_adapter.cu,
 # kMaxBottleneck); larger m is refused with a RuntimeError naming this limit.
 FUSED_ADAPTER_MAX_M = 256
+
+# kadapt::inducer_attention_fwd (csrc/inducer_attention.cu): the head dims it is compiled for; any
+# d in 1..INDUCER_ATTENTION_MAX_HEAD_DIM runs, zero-padded to the next of these. The key-MLP width
+# m_k is limited to INDUCER_ATTENTION_MAX_KEY_MLP (kInducerMaxKeyMlp); wider is refused with a
+# RuntimeError naming the limit.
+INDUCER_ATTENTION_HEAD_DIMS = (32, 64, 96, 128)
+INDUCER_ATTENTION_MAX_HEAD_DIM = 128
+INDUCER_ATTENTION_MAX_KEY_MLP = 128
 
 
 def _register_fakes() -> None:
@@ -46,6 +54,14 @@ def _register_fakes() -> None:
         n = A.shape[0]
         out = (t.shape[2] if t is not None else B.shape[2])
         return B.new_empty((n * B.shape[1], n * out))
+
+    @torch.library.register_fake("kadapt::inducer_attention_fwd")
+    def _inducer_attention_fwd_fake(q, k, v, A_k, a_k, B_k, b_k, kpm, scale, causal):
+        torch._check(q.dim() == 4, lambda: f"kadapt::inducer_attention_fwd: q must be 4-D (B, H, Tq, d), got "
+                                           f"{tuple(q.shape)}")
+        stats = q.shape[:-1]
+        return (q.new_empty(q.shape), q.new_empty(stats, dtype=torch.float32),
+                q.new_empty(stats, dtype=torch.float32))
 
 
 def load() -> bool:

@@ -28,6 +28,9 @@ SCHEMAS = {
     "fused_adapter_bwd": "kadapt::fused_adapter_bwd(Tensor dy, Tensor z, Tensor w_down, Tensor w_up, bool add_input, "
                          "int activation) -> (Tensor dx, Tensor g_z, Tensor h, Tensor db_up)",
     "kron_weight": "kadapt::kron_weight(Tensor A, Tensor B, Tensor? t) -> Tensor",
+    "inducer_attention_fwd": "kadapt::inducer_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? A_k, Tensor? a_k, "
+                             "Tensor? B_k, Tensor? b_k, Tensor? kpm, float scale, bool causal) "
+                             "-> (Tensor O, Tensor LSE, Tensor w)",
 }
 
 
@@ -123,18 +126,34 @@ def test_kron_weight_fake_impl(b_dtype):
     assert W.shape == (24, 768) and W.dtype == b_dtype
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("with_mlp", [True, False])
+def test_inducer_attention_fwd_fake_impl(dtype, with_mlp):
+    _require_extension()
+    B, H, Tq, Tk, d, m = 2, 3, 5, 7, 40, 6
+    e = lambda *s: torch.empty(*s, device="meta", dtype=dtype)  # noqa: E731
+    mlp = (e(H, d, m), e(H, m), e(H, m, d), e(H, d)) if with_mlp else (None,) * 4
+    kpm = torch.empty(B, Tk, device="meta", dtype=torch.int8)
+    o, lse, w = torch.ops.kadapt.inducer_attention_fwd(e(B, H, Tq, d), e(B, H, Tk, d), e(B, H, Tk, d), *mlp, kpm,
+                                                       0.5, True)
+    assert o.device.type == "meta" and o.shape == (B, H, Tq, d) and o.dtype == dtype
+    assert lse.shape == w.shape == (B, H, Tq) and lse.dtype == w.dtype == torch.float32
+
+
 def test_fake_impls_trace_symbolic_shapes():
     """make_fx in symbolic mode runs only the fake kernels (there is no CPU kernel)."""
     _require_extension()
     from torch.fx.experimental.proxy_tensor import make_fx
 
-    def f(x, res, wd, bd, wu, bu, dy, A, s, t):
+    def f(x, res, wd, bd, wu, bu, dy, A, s, t, q, k):
         y, z = torch.ops.kadapt.fused_adapter_fwd(x, res, True, wd, bd, wu, bu, 1)
         dx, g_z, h, db = torch.ops.kadapt.fused_adapter_bwd(dy, z, wd, wu, False, 1)
-        return y, dx, g_z, h, db, torch.ops.kadapt.kron_weight(A, s, t)
+        o, lse, w = torch.ops.kadapt.inducer_attention_fwd(q, k, k, None, None, None, None, None, 0.5, False)
+        return y, dx, g_z, h, db, torch.ops.kadapt.kron_weight(A, s, t), o, lse, w
 
     D, m = 40, 6
-    shapes = [(15, D), (15, D), (D, m), (m,), (m, D), (D,), (15, D), (2, 2, 2), (2, 20, 1), (2, 1, 3)]
+    shapes = [(15, D), (15, D), (D, m), (m,), (m, D), (D,), (15, D), (2, 2, 2), (2, 20, 1), (2, 1, 3),
+              (2, 3, 9, 16), (2, 3, 11, 16)]
     gm = make_fx(f, tracing_mode="symbolic")(*[torch.randn(*s) for s in shapes])
     for op in SCHEMAS:
         assert f"kadapt.{op}" in gm.code, op
@@ -148,6 +167,9 @@ def test_cpu_tensors_raise_clear_error():
         torch.ops.kadapt.fused_adapter_fwd(*fwd, 0)
     with pytest.raises(NotImplementedError, match="CPU"):
         torch.ops.kadapt.fused_adapter_bwd(*_bwd_args(3, D, m, torch.float32, device="cpu"), 0)
+    q = torch.randn(1, 2, 3, 16)
+    with pytest.raises(NotImplementedError, match="CPU"):
+        torch.ops.kadapt.inducer_attention_fwd(q, q, q, None, None, None, None, None, 0.25, False)
     with pytest.raises(NotImplementedError, match="CPU"):
         torch.ops.kadapt.kron_weight(torch.randn(2, 2, 2), torch.randn(2, 3, 4), None)
 
@@ -381,3 +403,41 @@ def test_cuda_opcheck():
     s, t = torch.randn(2, 32, 1, device="cuda"), torch.randn(2, 1, 4, device="cuda")
     torch.library.opcheck(torch.ops.kadapt.kron_weight.default, (A, s, t), test_utils=utils)
     torch.library.opcheck(torch.ops.kadapt.kron_weight.default, (A, s @ t, None), test_utils=utils)
+    gen = torch.Generator(device="cuda").manual_seed(6)
+    r = lambda *sh: torch.randn(*sh, generator=gen, device="cuda").half()  # noqa: E731
+    q, k = r(2, 3, 9, 40), r(2, 3, 11, 40)
+    kpm = (torch.rand(2, 11, generator=gen, device="cuda") < 0.7).to(torch.int8)
+    torch.library.opcheck(torch.ops.kadapt.inducer_attention_fwd.default,
+                          (q, k, k, r(3, 40, 5), r(3, 5), r(3, 5, 40), r(3, 40), kpm, 0.3, True), test_utils=utils)
+    torch.library.opcheck(torch.ops.kadapt.inducer_attention_fwd.default,
+                          (q.float(), k.float(), k.float(), None, None, None, None, None, 0.3, False),
+                          test_utils=utils)
+
+
+@gpu
+def test_cuda_inducer_attention_argument_errors_name_the_argument():
+    _require_extension()
+    op = torch.ops.kadapt.inducer_attention_fwd
+    q = torch.randn(2, 3, 4, 16, device="cuda")
+    k = torch.randn(2, 3, 6, 16, device="cuda")
+    none = (None,) * 4
+    with pytest.raises(RuntimeError, match="q must be 4-D"):
+        op(q[0], k, k, *none, None, 0.5, False)
+    with pytest.raises(RuntimeError, match=r"k must have shape \(B, H, Tk, d\)"):
+        op(q, k[:, :2], k[:, :2], *none, None, 0.5, False)
+    with pytest.raises(RuntimeError, match="v must have the shape of k"):
+        op(q, k, k[:, :, :5], *none, None, 0.5, False)
+    with pytest.raises(RuntimeError, match="v has dtype"):
+        op(q, k, k.half(), *none, None, 0.5, False)
+    with pytest.raises(RuntimeError, match="k is on cpu"):
+        op(q, k.cpu(), k, *none, None, 0.5, False)
+    with pytest.raises(RuntimeError, match="kpm must be an int8"):
+        op(q, k, k, *none, torch.ones(2, 6, device="cuda"), 0.5, False)
+    with pytest.raises(RuntimeError, match="A_k must have shape"):
+        op(q, k, k, torch.randn(3, 8, 2, device="cuda"), torch.randn(3, 2, device="cuda"),
+           torch.randn(3, 2, 16, device="cuda"), torch.randn(3, 16, device="cuda"), None, 0.5, False)
+    with pytest.raises(RuntimeError, match="scale must be finite"):
+        op(q, k, k, *none, None, float("inf"), False)
+    with pytest.raises(RuntimeError, match="head dim d=129"):
+        op(torch.randn(1, 1, 2, 129, device="cuda"), torch.randn(1, 1, 2, 129, device="cuda"),
+           torch.randn(1, 1, 2, 129, device="cuda"), *none, None, 0.5, False)

@@ -6,7 +6,9 @@ first rows see no key), key-padding masks incl. fully padded batch rows) compare
 every input (q, k, v, A_k, a_k, B_k, b_k) under random upstream gradients on O, on w and (in most cases) on LSE
 with the reference evaluated in float64. Triton's buffers are NaN-poisoned; without a GPU the kernels run in
 Triton's interpreter in fp32 (tests/conftest.py sets TRITON_INTERPRET). Also: the σ(s0 − LSE) = concat-softmax
-identity, a float64 gradcheck of the reference, fully masked rows, gating, dispatch, bad inputs, torch.compile.
+identity, a float64 gradcheck of the reference, fully masked rows, gating, dispatch, bad inputs, torch.compile,
+and the "cuda" backend's Python glue (CUDA forward + Triton backward, reasons, auto's order, compile) with the
+CUDA forward stood in by its math (the kernel itself: tests/test_cuda_kernels.py, GPU).
 """
 from __future__ import annotations
 
@@ -317,11 +319,170 @@ def test_auto_on_cpu_is_the_reference():
     assert backends.resolve("inducer_attention", ts[0]) == "reference"
 
 
-def test_forced_cuda_raises_no_kernel():
+def test_forced_cuda_on_cpu_tensors_raises():
     ts, kpm = _small()
     kadapt.set_backend("cuda")
-    with pytest.raises(RuntimeError, match="no CUDA kernel for inducer_attention"):
+    with pytest.raises(RuntimeError, match="'cuda' is forced but cannot run inducer_attention: inputs are not CUDA"):
         inducer_attention(*ts)
+
+
+# ---------------------------------------------------------------------------------------------
+# the "cuda" backend's Python glue on the CPU: the call of kadapt::inducer_attention_fwd (op_module._cuda_fwd,
+# one line) stood in by its math (the reference), so the dispatch, the autograd glue (CUDA forward + Triton
+# backward) and the compile path run without a GPU. (Patching torch.ops.kadapt itself breaks torch internals
+# that later walk the op namespaces.) The kernel: tests/test_cuda_kernels.py (GPU).
+
+def _cuda_stand_in(monkeypatch) -> list:
+    """Replace the CUDA forward by the reference math; returns the list of recorded calls."""
+    calls = []
+
+    def fwd(q, k, v, mlp, kpm, scale, causal):
+        calls.append(dict(contiguous=all(t.is_contiguous() for t in (q, k, v)), kpm=kpm, scale=scale,
+                          causal=causal, mlp=mlp[0] is not None))
+        mask = None if kpm is None else kpm.bool()
+        with torch.no_grad():
+            return inducer_attention_reference(q, k, v, *mlp, scale, causal, mask)
+
+    monkeypatch.setattr(op_module, "_cuda_fwd", fwd)
+    monkeypatch.setattr(backends, "cuda_reason", lambda x: None)  # "the extension is built, CUDA tensors"
+    return calls
+
+
+def _glue_case(with_mlp=True):
+    q, k, v, mlp, kpm = _mask_case(Tq=6, Tk=11, d=16)
+    ts = (q, k, v, *mlp) if with_mlp else (q, k, v)
+    return [t.float().to(fa.DEVICE).requires_grad_() for t in ts], kpm.to(fa.DEVICE)
+
+
+@pytest.mark.parametrize("with_mlp", [True, False])
+def test_forced_cuda_runs_the_cuda_forward_and_the_triton_backward(monkeypatch, poisoned, with_mlp):
+    fa.skip_unless_runnable("triton", torch.float32)  # the backward is Triton's (the interpreter on the CPU)
+    calls = _cuda_stand_in(monkeypatch)
+    leaves, kpm = _glue_case(with_mlp)
+    kadapt.set_backend("cuda")
+    o, lse, w = inducer_attention(*leaves, scale=0.7, causal=True, key_padding_mask=kpm)
+    assert len(calls) == 1 and not poisoned, "the forward must be the CUDA op alone"
+    assert calls[0] == dict(contiguous=True, kpm=calls[0]["kpm"], scale=0.7, causal=True, mlp=with_mlp)
+    assert calls[0]["kpm"].dtype == torch.int8 and calls[0]["kpm"].is_contiguous()
+    gen = torch.Generator().manual_seed(3)
+    ups = [torch.randn(t.shape, generator=gen).to(t) for t in (o, lse, w)]
+    grads = torch.autograd.grad([o, lse, w], leaves, ups)
+    assert poisoned, "the backward must run the Triton kernels"
+    l64 = [t.detach().double().cpu().requires_grad_() for t in leaves]
+    o64, lse64, w64 = inducer_attention_reference(*l64, scale=0.7, causal=True, key_padding_mask=kpm.cpu())
+    g64 = torch.autograd.grad([o64, lse64, w64], l64, [u.double().cpu() for u in ups])
+    assert_matches(o, o64, None, torch.float32, "O")
+    assert_stat_matches(lse, lse64, None, torch.float32, "LSE")
+    assert_matches(w, w64, None, torch.float32, "w")
+    for g, r in zip(grads, g64):
+        assert_matches(g, r, None, torch.float32, "grad")
+
+
+def test_forced_cuda_backward_without_triton_raises(monkeypatch):
+    calls = _cuda_stand_in(monkeypatch)
+    monkeypatch.setattr(backends, "triton_reason", lambda x, forced: "triton is not installed")
+    leaves, kpm = _glue_case()
+    kadapt.set_backend("cuda")
+    o, _, w = inducer_attention(*leaves, key_padding_mask=kpm)
+    assert calls
+    with pytest.raises(RuntimeError, match=r"CUDA forward only and its backward runs the Triton kernels, which "
+                                           r"cannot run here \(triton is not installed\)"):
+        torch.autograd.grad(o.sum() + w.sum(), leaves)
+
+
+def _extra_kwargs(name, ts):
+    B, H, Tq, Tk = ts[0].shape[0], ts[0].shape[1], ts[0].shape[2], ts[1].shape[2]
+    return {"attn_mask": {"attn_mask": torch.ones(B, 1, Tq, Tk, dtype=torch.bool)},
+            "attn_bias": {"attn_bias": torch.zeros(1, H, Tq, Tk)},
+            "dropout_p": {"dropout_p": 0.1}}[name]
+
+
+@pytest.mark.parametrize("case", ["m_k", "float64", "attn_mask", "attn_bias", "dropout_p"])
+def test_forced_cuda_refuses_what_the_kernel_cannot_take(monkeypatch, case):
+    calls = _cuda_stand_in(monkeypatch)
+    if case == "m_k":
+        ts, _ = _small(m=op_module.CUDA_MAX_KEY_MLP + 1)
+        kwargs, match = {}, "key-MLP width m_k=129 exceeds the kernel's 128"
+    elif case == "float64":
+        ts, _ = _small(dtype=torch.float64)
+        kwargs, match = {}, "dtype torch.float64 is not one of"
+    else:
+        ts, _ = _small()
+        kwargs, match = _extra_kwargs(case, ts), "computed by the reference only"
+        match = {"dropout_p": "dropout_p > 0: "}.get(case, f"{case}: ") + match
+    kadapt.set_backend("cuda")
+    with pytest.raises(RuntimeError, match=f"'cuda' is forced but cannot run inducer_attention: {match}"):
+        inducer_attention(*ts, **kwargs)
+    assert not calls
+    kadapt.set_backend("auto")  # auto: the reference, never the CUDA kernel
+    ref = inducer_attention_reference(*ts, **kwargs) if case != "dropout_p" else None
+    got = inducer_attention(*ts, **kwargs)
+    assert not calls
+    if ref is not None:
+        assert all(torch.equal(a, b) for a, b in zip(got, ref))
+
+
+def test_auto_prefers_triton_then_cuda(monkeypatch, poisoned):
+    """auto's order is ("triton", "cuda"): Triton when it can run, else the CUDA forward (only where its
+    Triton backward is not needed or can run), else the reference."""
+    fa.skip_unless_runnable("triton", torch.float32)
+    assert op_module.AUTO_ORDER == ("triton", "cuda")
+    calls = _cuda_stand_in(monkeypatch)
+    monkeypatch.setattr(backends, "triton_reason", lambda x, forced: None)  # both fused backends can run
+    ts, kpm = _small()
+    ref = inducer_attention_reference(*ts, key_padding_mask=kpm)
+    got = inducer_attention(*ts, key_padding_mask=kpm)
+    assert poisoned and not calls, "auto must run Triton first"
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    # Triton cannot take these inputs (here: a narrower m_k limit): the CUDA forward is next
+    del poisoned[:]
+    monkeypatch.setattr(op_module, "TRITON_MAX_KEY_MLP", 2)
+    got = inducer_attention(*ts, key_padding_mask=kpm)
+    assert len(calls) == 1 and not poisoned
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b)
+    # no triton at all: the CUDA forward without gradients, the reference when gradients are needed
+    monkeypatch.setattr(backends, "triton_importable", lambda: False)
+    monkeypatch.setattr(backends, "triton_reason", lambda x, forced: "triton is not installed")
+    inducer_attention(*ts, key_padding_mask=kpm)
+    assert len(calls) == 2
+    leaves = [t.clone().requires_grad_() for t in ts]
+    o = inducer_attention(*leaves, key_padding_mask=kpm)[0]
+    assert len(calls) == 2 and o.grad_fn is not None  # the reference ran
+    with torch.no_grad():
+        inducer_attention(*leaves, key_padding_mask=kpm)
+    assert len(calls) == 3
+
+
+@pytest.mark.parametrize("with_mlp", [True, False])
+def test_compiles_fullgraph_with_forced_cuda(monkeypatch, poisoned, with_mlp):
+    """Under torch.compile the custom op kadapt::inducer_attention runs the CUDA forward (backend argument)
+    and the Triton backward: same outputs and gradients as eager."""
+    fa.skip_unless_runnable("triton", torch.float32)
+    torch._dynamo.reset()
+    calls = _cuda_stand_in(monkeypatch)
+    leaves, kpm = _glue_case(with_mlp)
+
+    def f(*xs):
+        o, lse, w = inducer_attention(*xs, causal=True, key_padding_mask=kpm)
+        return o, torch.where(torch.isinf(lse), 0, lse), w
+
+    kadapt.set_backend("cuda")
+    gen = torch.Generator().manual_seed(1)
+    outs = f(*leaves)
+    ups = [torch.randn(o.shape, generator=gen).to(o) for o in outs]
+    g_eager = torch.autograd.grad(outs, leaves, ups)
+    n_calls, n_triton = len(calls), len(poisoned)
+    compiled = torch.compile(f, fullgraph=True, dynamic=False, backend="aot_eager")
+    outs_c = compiled(*leaves)
+    assert len(calls) > n_calls, "the compiled function did not run the CUDA forward"
+    g = torch.autograd.grad(outs_c, leaves, ups)
+    assert len(poisoned) > n_triton, "the compiled backward did not run the Triton kernels"
+    for a, b in zip(outs_c, outs):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    for a, b in zip(g, g_eager):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
 def test_wide_key_mlp_beyond_the_kernel():

@@ -22,11 +22,18 @@ Backends (kadapt.set_backend): ``reference`` (the PyTorch formula below, the tru
 the σ epilogue, and a fused backward: a preprocessing kernel delta_i = rowsum(dO ⊙ O) − ∂L/∂LSE_i with
 ∂L/∂LSE_i = dLSE_i − w_i(1 − w_i) dw_i, the dK/dV and the dQ kernels (dQ also adds the s0 term of the
 key-MLP prologue); the key-MLP parameter gradients are token reductions done in PyTorch from recomputed
-h, O(T·d·m_k)). There is no CUDA kernel for this op: forcing "cuda" raises RuntimeError. ``auto`` runs
-Triton on CUDA tensors and the reference otherwise.
+h, O(T·d·m_k)); ``cuda`` (kadapt._C, csrc/inducer_attention.cu, op ``kadapt::inducer_attention_fwd``): a
+CUDA *forward* only, computing the same (O, LSE, w) as the Triton forward (FA2-style online softmax on
+tensor cores for fp16/bf16, a CUDA-core fp32 path, the key-MLP prologue and the σ epilogue; any d ≤ 128,
+m_k ≤ 128). Its backward is the Triton backward above: that needs only q, k, v, the key MLP, the mask and
+the saved O, LSE, w, which the CUDA forward provides, so a forced "cuda" needs Triton for gradients and
+its backward raises RuntimeError where Triton cannot run (it never falls back silently). ``auto`` tries
+Triton, then CUDA (``AUTO_ORDER``), then the reference: Triton runs CUDA tensors and the reference runs
+everything else.
 
 Eager calls go through a torch.autograd.Function; under torch.compile the same kernels run as the custom
-ops ``kadapt::inducer_attention`` / ``kadapt::inducer_attention_backward``.
+ops ``kadapt::inducer_attention`` (whose ``backend`` argument picks the Triton or the CUDA forward) /
+``kadapt::inducer_attention_backward`` (Triton).
 """
 from __future__ import annotations
 
@@ -36,7 +43,7 @@ from typing import Optional
 
 import torch
 
-from kadapt import backends
+from kadapt import _extension, backends
 
 logger = logging.getLogger("kadapt")
 
@@ -44,6 +51,12 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_HEAD_DIM = 128
 # Widest key MLP the Triton kernels take (the padded m_k tile); wider ones run the reference under "auto".
 TRITON_MAX_KEY_MLP = 128
+# Widest key MLP and head dim of the CUDA forward (csrc/inducer_attention.cu).
+CUDA_MAX_KEY_MLP = _extension.INDUCER_ATTENTION_MAX_KEY_MLP
+CUDA_MAX_HEAD_DIM = _extension.INDUCER_ATTENTION_MAX_HEAD_DIM
+# Fused backends under "auto", first that can run wins. Triton first: the two forwards have not been
+# measured against each other yet (and only Triton has a backward of its own).
+AUTO_ORDER = ("triton", "cuda")
 
 
 def _log_backend(msg: str, *args) -> None:
@@ -164,10 +177,29 @@ def _mlp_grads(q, ds0, A_k, a_k, B_k, scale):
     return dA.to(A_k.dtype), da.to(a_k.dtype), dB.to(B_k.dtype), db
 
 
-def _fwd(q, k, v, mlp, kpm, scale, causal):
+def _cuda_fwd(q, k, v, mlp, kpm, scale, causal):
+    """kadapt::inducer_attention_fwd (kadapt._C). The CPU tests of the "cuda" glue stand this in by its math."""
+    return torch.ops.kadapt.inducer_attention_fwd(q, k, v, *mlp, kpm, scale, causal)
+
+
+def _fwd(q, k, v, mlp, kpm, scale, causal, backend):
+    """(O, LSE, w) from the Triton forward or (backend "cuda") the CUDA one; same function, same outputs."""
+    if backend == "cuda":
+        return _cuda_fwd(q, k, v, mlp, kpm, scale, causal)
     from kadapt.ops.triton import inducer_attention as kernels
 
     return kernels.inducer_attention_fwd(q, k, v, *mlp, kpm, scale, causal)
+
+
+def _check_backward_runs(q, backend) -> None:
+    """Every backend's backward is the Triton one (_bwd): refuse clearly where Triton cannot run."""
+    if backend != "cuda":
+        return
+    reason = backends.triton_reason(q, forced=True)
+    if reason is not None:
+        raise RuntimeError(f"inducer_attention: the 'cuda' backend has a CUDA forward only and its backward runs "
+                           f"the Triton kernels, which cannot run here ({reason}); use kadapt.set_backend('auto') "
+                           f"or 'reference' to train")
 
 
 def _bwd(q, k, v, mlp, kpm, o, lse, w, do, dlse, dw, scale, causal):
@@ -187,22 +219,23 @@ def _zeros_or(g, like):
 
 class _InducerAttentionFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, A_k, a_k, B_k, b_k, kpm, scale, causal):
+    def forward(ctx, q, k, v, A_k, a_k, B_k, b_k, kpm, scale, causal, backend):
         mlp = (A_k, a_k, B_k, b_k)
-        o, lse, w = _fwd(q, k, v, mlp, kpm, scale, causal)
+        o, lse, w = _fwd(q, k, v, mlp, kpm, scale, causal, backend)
         ctx.save_for_backward(q, k, v, A_k, a_k, B_k, b_k, kpm, o, lse, w)
-        ctx.meta = (scale, causal)
+        ctx.meta = (scale, causal, backend)
         ctx.set_materialize_grads(False)
         return o, lse, w
 
     @staticmethod
     def backward(ctx, do, dlse, dw):
         q, k, v, A_k, a_k, B_k, b_k, kpm, o, lse, w = ctx.saved_tensors
-        scale, causal = ctx.meta
+        scale, causal, backend = ctx.meta
+        _check_backward_runs(q, backend)
         do = torch.zeros_like(o) if do is None else do.contiguous()
         grads = _bwd(q, k, v, (A_k, a_k, B_k, b_k), kpm, o, lse, w, do, _zeros_or(dlse, lse), _zeros_or(dw, w),
                      scale, causal)
-        return (*grads, None, None, None)
+        return (*grads, None, None, None, None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -211,14 +244,15 @@ class _InducerAttentionFunction(torch.autograd.Function):
 @torch.library.custom_op("kadapt::inducer_attention", mutates_args=())
 def _inducer_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, A_k: Optional[torch.Tensor],
                           a_k: Optional[torch.Tensor], B_k: Optional[torch.Tensor], b_k: Optional[torch.Tensor],
-                          kpm: Optional[torch.Tensor], scale: float, causal: bool
+                          kpm: Optional[torch.Tensor], scale: float, causal: bool, backend: str
                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(O, LSE, w) for contiguous (B, H, T, d) q, k, v; kpm is the int8 (B, Tk) key padding mask or None."""
-    return _fwd(q, k, v, (A_k, a_k, B_k, b_k), kpm, scale, causal)
+    """(O, LSE, w) for contiguous (B, H, T, d) q, k, v; kpm is the int8 (B, Tk) key padding mask or None;
+    ``backend`` ("triton" | "cuda") picks the forward kernel (the backward is Triton's either way)."""
+    return _fwd(q, k, v, (A_k, a_k, B_k, b_k), kpm, scale, causal, backend)
 
 
 @_inducer_attention_op.register_fake
-def _(q, k, v, A_k, a_k, B_k, b_k, kpm, scale, causal):
+def _(q, k, v, A_k, a_k, B_k, b_k, kpm, scale, causal, backend):
     st = _stats_dtype(q.dtype)
     return torch.empty_like(q), q.new_empty(q.shape[:-1], dtype=st), q.new_empty(q.shape[:-1], dtype=st)
 
@@ -243,21 +277,22 @@ def _(q, k, v, A_k, a_k, B_k, b_k, kpm, o, lse, w, do, dlse, dw, scale, causal):
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, A_k, a_k, B_k, b_k, kpm, scale, causal = inputs
+    q, k, v, A_k, a_k, B_k, b_k, kpm, scale, causal, backend = inputs
     o, lse, w = output
     ctx.save_for_backward(q, k, v, A_k, a_k, B_k, b_k, kpm, o, lse, w)
-    ctx.meta = (scale, causal)
+    ctx.meta = (scale, causal, backend)
 
 
 def _backward(ctx, do, dlse, dw):
     q, k, v, A_k, a_k, B_k, b_k, kpm, o, lse, w = ctx.saved_tensors
-    scale, causal = ctx.meta
+    scale, causal, backend = ctx.meta
+    _check_backward_runs(q, backend)
     do = torch.zeros_like(o) if do is None else do.contiguous()
     grads = torch.ops.kadapt.inducer_attention_backward(
         q, k, v, A_k, a_k, B_k, b_k, kpm, o, lse, w, do, _zeros_or(dlse, lse), _zeros_or(dw, w), scale, causal)
     if A_k is None:
         grads = list(grads) + [None] * 4
-    return (*grads, None, None, None)
+    return (*grads, None, None, None, None)
 
 
 _inducer_attention_op.register_autograd(_backward, setup_context=_setup_context)
@@ -318,6 +353,16 @@ def _triton_unsupported(q, mlp) -> str | None:
     return None
 
 
+def _cuda_unsupported(q, mlp) -> str | None:
+    if q.dtype not in _DTYPES:
+        return f"dtype {q.dtype} is not one of float32, float16, bfloat16"
+    if q.shape[-1] > CUDA_MAX_HEAD_DIM:
+        return f"head dim d={q.shape[-1]} exceeds the kernel's {CUDA_MAX_HEAD_DIM}"
+    if mlp[0] is not None and mlp[0].shape[2] > CUDA_MAX_KEY_MLP:
+        return f"key-MLP width m_k={mlp[0].shape[2]} exceeds the kernel's {CUDA_MAX_KEY_MLP}"
+    return None
+
+
 def _check_extras(q, k, attn_mask, attn_bias, dropout_p) -> None:
     B, H, Tq, _ = q.shape
     full = (B, H, Tq, k.shape[2])
@@ -345,7 +390,7 @@ def inducer_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, A_k: to
     With ``gating`` O is (1 − w)·O (applied to the kernel's output by PyTorch; gradients flow through both).
     ``attn_mask`` (a general bool keep-mask), ``attn_bias`` (an additive logit bias such as T5's relative
     position bias) and ``dropout_p`` > 0 (attention-probability dropout) are computed by the reference only:
-    under "auto" such calls run the reference; a forced "triton" refuses them.
+    under "auto" such calls run the reference; a forced "triton" or "cuda" refuses them.
     """
     mlp = (A_k, a_k, B_k, b_k)
     _check(q, k, v, mlp, key_padding_mask)
@@ -353,17 +398,20 @@ def inducer_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, A_k: to
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if not math.isfinite(scale):
         raise ValueError(f"scale must be finite, got {scale}")
-    if backends.get_backend() == "cuda":
-        raise RuntimeError("backend 'cuda' is forced but there is no CUDA kernel for inducer_attention yet; "
-                           "use kadapt.set_backend('triton'), 'auto' or 'reference'")
     extras = [name for name, on in (("attn_mask", attn_mask is not None), ("attn_bias", attn_bias is not None),
                                     ("dropout_p > 0", dropout_p > 0)) if on]
-    triton_reason = _triton_unsupported(q, mlp)
-    if extras and triton_reason is None:
-        triton_reason = f"{', '.join(extras)} are computed by the reference only"
-    backend = backends.resolve(
-        "inducer_attention", q, cuda_unsupported="there is no CUDA kernel for this op yet (use 'triton')",
-        triton_unsupported=triton_reason, order=("triton",))
+    extras_reason = None
+    if extras:
+        extras_reason = f"{' and '.join(extras)}: computed by the reference only (T5 relative bias, general masks, " \
+                        f"attention-probability dropout)"
+    triton_reason = _triton_unsupported(q, mlp) or extras_reason
+    cuda_reason = _cuda_unsupported(q, mlp) or extras_reason
+    if (cuda_reason is None and backends.get_backend() == "auto" and not backends.triton_importable()
+            and torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, *mlp))):
+        # "auto" never picks a forward whose backward cannot run (a forced "cuda" raises in backward)
+        cuda_reason = "its backward runs the Triton kernels and triton is not installed"
+    backend = backends.resolve("inducer_attention", q, cuda_unsupported=cuda_reason,
+                               triton_unsupported=triton_reason, order=AUTO_ORDER)
     _log_backend("inducer_attention: %s backend", backend)
     if backend == "reference":
         return inducer_attention_reference(q, k, v, A_k, a_k, B_k, b_k, scale, causal, key_padding_mask, gating,
@@ -372,9 +420,9 @@ def inducer_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, A_k: to
     mlp = tuple(None if t is None else t.contiguous() for t in mlp)
     kpm = None if key_padding_mask is None else key_padding_mask.to(torch.int8).contiguous()
     if torch.compiler.is_compiling():
-        o, lse, w = torch.ops.kadapt.inducer_attention(q, k, v, *mlp, kpm, scale, bool(causal))
+        o, lse, w = torch.ops.kadapt.inducer_attention(q, k, v, *mlp, kpm, scale, bool(causal), backend)
     else:
-        o, lse, w = _InducerAttentionFunction.apply(q, k, v, *mlp, kpm, scale, bool(causal))
+        o, lse, w = _InducerAttentionFunction.apply(q, k, v, *mlp, kpm, scale, bool(causal), backend)
     if gating:
         o = (1 - w)[..., None].to(o.dtype) * o
     return o, lse, w
