@@ -424,9 +424,11 @@ def test_cuda_inducer_attention_argument_errors_name_the_argument():
     with pytest.raises(RuntimeError, match="q must be 4-D"):
         op(q[0], k, k, *none, None, 0.5, False)
     with pytest.raises(RuntimeError, match=r"k must have shape \(B, H, Tk, d\)"):
-        op(q, k[:, :2], k[:, :2], *none, None, 0.5, False)
+        op(q, k[:, :2].contiguous(), k[:, :2].contiguous(), *none, None, 0.5, False)
     with pytest.raises(RuntimeError, match="v must have the shape of k"):
-        op(q, k, k[:, :, :5], *none, None, 0.5, False)
+        op(q, k, k[:, :, :5].contiguous(), *none, None, 0.5, False)
+    with pytest.raises(RuntimeError, match="k must be contiguous"):
+        op(q, k.transpose(2, 3).contiguous().transpose(2, 3), k, *none, None, 0.5, False)
     with pytest.raises(RuntimeError, match="v has dtype"):
         op(q, k, k.half(), *none, None, 0.5, False)
     with pytest.raises(RuntimeError, match="k is on cpu"):
