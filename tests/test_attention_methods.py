@@ -424,3 +424,25 @@ def test_inducer_model_compiles_fullgraph_on_the_fused_path(family):
     torch.testing.assert_close(out, eager, rtol=1e-4, atol=1e-5)
     for a, b in zip(g, g_eager):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_inducer_training_with_attention_dropout_runs_fused():
+    """The backbone's attention dropout (0.1) stays on: the Triton kernels drop probabilities themselves
+    (Philox mask keyed from torch's generator), so a forced Triton trains and torch.manual_seed repeats it."""
+    model = tiny("gpt2").float().train()
+    assert model.config.attn_pdrop > 0
+    kadapt.patch(model, CONFIGS["inducer"]())
+    kw = inputs("gpt2")
+    params = [p for p in model.parameters() if p.requires_grad]
+    kadapt.set_backend("triton")
+    try:
+        runs = []
+        for _ in range(2):
+            torch.manual_seed(4)
+            out = output(model, "gpt2", **kw)
+            runs.append((out, torch.autograd.grad(out.square().sum(), params)))
+    finally:
+        kadapt.set_backend("auto")
+    (a, ga), (b, gb) = runs
+    assert torch.equal(a, b) and all(torch.equal(x, y) for x, y in zip(ga, gb))
+    assert all(torch.isfinite(g).all() for g in ga)

@@ -369,3 +369,67 @@ def test_bad_dropout_p_raises():
             K.dropout_keep_mask(0, 1, 1, 3, 3, p, DEVICE)
     with pytest.raises(ValueError, match="Tq·Tk < 2"):
         K.dropout_keep_mask(0, 1, 1, 2 ** 16, 2 ** 15, 0.1, DEVICE)
+
+
+# ---------------------------------------------------------------------------------------------
+# the public op: kadapt.ops.inducer_attention(..., dropout_p) on the Triton backend
+
+def _seeded_mask(torch_seed, B, H, Tq, Tk, p):
+    """The mask the op draws after torch.manual_seed(torch_seed): its seed is the first draw of torch's
+    CPU generator (torch.randint(0, 2**62, ()))."""
+    torch.manual_seed(torch_seed)
+    seed = int(torch.randint(0, 2 ** 62, (), dtype=torch.int64))
+    return K.dropout_keep_mask(seed, B, H, Tq, Tk, p, "cpu")
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_public_op_dropout_matches_the_explicit_mask_reference(compiled):
+    import kadapt
+    from kadapt.ops import inducer_attention
+
+    torch.manual_seed(0)
+    B, H, Tq, Tk, d, m, p = 2, 2, 7, 19, 16, 3, 0.3
+    q, k, v = (torch.randn(B, H, T, d) for T in (Tq, Tk, Tk))
+    mlp = [torch.randn(H, d, m) * 0.3, torch.randn(H, m) * 0.3, torch.randn(H, m, d) * 0.3, torch.randn(H, d) * 0.3]
+    kpm = torch.ones(B, Tk, dtype=torch.bool)
+    kpm[1, :5] = False
+    leaves = [t.requires_grad_() for t in (q, k, v)]
+    ups = [torch.randn(B, H, Tq, d), torch.randn(B, H, Tq), torch.randn(B, H, Tq)]
+    keep = _seeded_mask(11, B, H, Tq, Tk, p)
+    z = keep.double() / (1 - p)
+
+    def run(*ts):
+        return inducer_attention(*ts, *mlp, scale=0.4, causal=True, key_padding_mask=kpm, dropout_p=p)
+
+    fn = torch.compile(run, fullgraph=True, backend="aot_eager") if compiled else run
+    kadapt.set_backend("triton")
+    try:
+        torch._dynamo.reset()
+        torch.manual_seed(11)
+        o, lse, w = fn(*leaves)
+        loss = (o * ups[0]).sum() + (torch.where(torch.isfinite(lse), lse, 0) * ups[1]).sum() + (w * ups[2]).sum()
+        grads = torch.autograd.grad(loss, leaves)
+    finally:
+        kadapt.set_backend("auto")
+    (o_r, lse_r, w_r), (dq, dk, dv, _) = reference_grads(q, k, v, mlp, kpm.to(torch.int8), 0.4, True, z, *ups)
+    assert_close(o, o_r, "O")
+    assert_close(lse, lse_r, "LSE")
+    assert_close(w, w_r, "w")
+    for g, r, name in zip(grads, (dq, dk, dv), ("dq", "dk", "dv")):
+        assert_close(g, r, name, rtol=1e-4, atol=1e-4)
+
+
+def test_public_op_dropout_follows_torch_manual_seed():
+    import kadapt
+    from kadapt.ops import inducer_attention
+
+    q, k, v = (torch.randn(1, 2, 9, 16) for _ in range(3))
+    kadapt.set_backend("triton")
+    try:
+        outs = []
+        for s in (1, 1, 2):
+            torch.manual_seed(s)
+            outs.append(inducer_attention(q, k, v, dropout_p=0.5)[0])
+    finally:
+        kadapt.set_backend("auto")
+    assert torch.equal(outs[0], outs[1]) and not torch.equal(outs[0], outs[2])

@@ -182,12 +182,15 @@ def _cuda_fwd(q, k, v, mlp, kpm, scale, causal):
     return torch.ops.kadapt.inducer_attention_fwd(q, k, v, *mlp, kpm, scale, causal)
 
 
-def _fwd(q, k, v, mlp, kpm, scale, causal, backend):
-    """(O, LSE, w) from the Triton forward or (backend "cuda") the CUDA one; same function, same outputs."""
+def _fwd(q, k, v, mlp, kpm, scale, causal, backend, dropout_p=0.0, seed=None):
+    """(O, LSE, w) from the Triton forward or (backend "cuda") the CUDA one; same function, same outputs.
+    ``seed`` (an int64 CPU tensor) keys the Philox dropout mask when ``dropout_p`` > 0 (Triton only)."""
     if backend == "cuda":
         return _cuda_fwd(q, k, v, mlp, kpm, scale, causal)
     from kadapt.ops.triton import inducer_attention as kernels
 
+    if dropout_p > 0:
+        return kernels.inducer_attention_fwd(q, k, v, *mlp, kpm, scale, causal, dropout_p=dropout_p, seed=int(seed))
     return kernels.inducer_attention_fwd(q, k, v, *mlp, kpm, scale, causal)
 
 
@@ -202,11 +205,14 @@ def _check_backward_runs(q, backend) -> None:
                            f"or 'reference' to train")
 
 
-def _bwd(q, k, v, mlp, kpm, o, lse, w, do, dlse, dw, scale, causal):
-    """(dq, dk, dv, dA, da, dB, db) (MLP grads None without a key MLP)."""
+def _bwd(q, k, v, mlp, kpm, o, lse, w, do, dlse, dw, scale, causal, dropout_p=0.0, seed=None):
+    """(dq, dk, dv, dA, da, dB, db) (MLP grads None without a key MLP); the dropout mask is recomputed from
+    the forward's seed."""
     from kadapt.ops.triton import inducer_attention as kernels
 
-    dq, dk, dv, ds0 = kernels.inducer_attention_bwd(q, k, v, *mlp, kpm, o, lse, w, do, dlse, dw, scale, causal)
+    extra = {"dropout_p": dropout_p, "seed": int(seed)} if dropout_p > 0 else {}
+    dq, dk, dv, ds0 = kernels.inducer_attention_bwd(q, k, v, *mlp, kpm, o, lse, w, do, dlse, dw, scale, causal,
+                                                    **extra)
     if mlp[0] is None:
         return dq, dk, dv, None, None, None, None
     dA, da, dB, db = _mlp_grads(q, ds0, mlp[0], mlp[1], mlp[2], scale)
@@ -219,23 +225,23 @@ def _zeros_or(g, like):
 
 class _InducerAttentionFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, A_k, a_k, B_k, b_k, kpm, scale, causal, backend):
+    def forward(ctx, q, k, v, A_k, a_k, B_k, b_k, kpm, scale, causal, backend, dropout_p, seed):
         mlp = (A_k, a_k, B_k, b_k)
-        o, lse, w = _fwd(q, k, v, mlp, kpm, scale, causal, backend)
-        ctx.save_for_backward(q, k, v, A_k, a_k, B_k, b_k, kpm, o, lse, w)
-        ctx.meta = (scale, causal, backend)
+        o, lse, w = _fwd(q, k, v, mlp, kpm, scale, causal, backend, dropout_p, seed)
+        ctx.save_for_backward(q, k, v, A_k, a_k, B_k, b_k, kpm, o, lse, w, seed)
+        ctx.meta = (scale, causal, backend, dropout_p)
         ctx.set_materialize_grads(False)
         return o, lse, w
 
     @staticmethod
     def backward(ctx, do, dlse, dw):
-        q, k, v, A_k, a_k, B_k, b_k, kpm, o, lse, w = ctx.saved_tensors
-        scale, causal, backend = ctx.meta
+        q, k, v, A_k, a_k, B_k, b_k, kpm, o, lse, w, seed = ctx.saved_tensors
+        scale, causal, backend, dropout_p = ctx.meta
         _check_backward_runs(q, backend)
         do = torch.zeros_like(o) if do is None else do.contiguous()
         grads = _bwd(q, k, v, (A_k, a_k, B_k, b_k), kpm, o, lse, w, do, _zeros_or(dlse, lse), _zeros_or(dw, w),
-                     scale, causal)
-        return (*grads, None, None, None, None)
+                     scale, causal, dropout_p, seed)
+        return (*grads, None, None, None, None, None, None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -244,15 +250,16 @@ class _InducerAttentionFunction(torch.autograd.Function):
 @torch.library.custom_op("kadapt::inducer_attention", mutates_args=())
 def _inducer_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, A_k: Optional[torch.Tensor],
                           a_k: Optional[torch.Tensor], B_k: Optional[torch.Tensor], b_k: Optional[torch.Tensor],
-                          kpm: Optional[torch.Tensor], scale: float, causal: bool, backend: str
-                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                          kpm: Optional[torch.Tensor], scale: float, causal: bool, backend: str, dropout_p: float,
+                          seed: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(O, LSE, w) for contiguous (B, H, T, d) q, k, v; kpm is the int8 (B, Tk) key padding mask or None;
-    ``backend`` ("triton" | "cuda") picks the forward kernel (the backward is Triton's either way)."""
-    return _fwd(q, k, v, (A_k, a_k, B_k, b_k), kpm, scale, causal, backend)
+    ``backend`` ("triton" | "cuda") picks the forward kernel (the backward is Triton's either way);
+    ``seed`` (int64 CPU scalar tensor) keys the attention-probability dropout when ``dropout_p`` > 0."""
+    return _fwd(q, k, v, (A_k, a_k, B_k, b_k), kpm, scale, causal, backend, dropout_p, seed)
 
 
 @_inducer_attention_op.register_fake
-def _(q, k, v, A_k, a_k, B_k, b_k, kpm, scale, causal, backend):
+def _(q, k, v, A_k, a_k, B_k, b_k, kpm, scale, causal, backend, dropout_p, seed):
     st = _stats_dtype(q.dtype)
     return torch.empty_like(q), q.new_empty(q.shape[:-1], dtype=st), q.new_empty(q.shape[:-1], dtype=st)
 
@@ -262,14 +269,14 @@ def _inducer_attention_backward_op(
         q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, A_k: Optional[torch.Tensor], a_k: Optional[torch.Tensor],
         B_k: Optional[torch.Tensor], b_k: Optional[torch.Tensor], kpm: Optional[torch.Tensor], o: torch.Tensor,
         lse: torch.Tensor, w: torch.Tensor, do: torch.Tensor, dlse: torch.Tensor, dw: torch.Tensor, scale: float,
-        causal: bool) -> list[torch.Tensor]:
+        causal: bool, dropout_p: float, seed: Optional[torch.Tensor]) -> list[torch.Tensor]:
     """[dq, dk, dv] (+ [dA_k, da_k, dB_k, db_k] with a key MLP)."""
-    grads = _bwd(q, k, v, (A_k, a_k, B_k, b_k), kpm, o, lse, w, do, dlse, dw, scale, causal)
+    grads = _bwd(q, k, v, (A_k, a_k, B_k, b_k), kpm, o, lse, w, do, dlse, dw, scale, causal, dropout_p, seed)
     return [g for g in grads if g is not None]
 
 
 @_inducer_attention_backward_op.register_fake
-def _(q, k, v, A_k, a_k, B_k, b_k, kpm, o, lse, w, do, dlse, dw, scale, causal):
+def _(q, k, v, A_k, a_k, B_k, b_k, kpm, o, lse, w, do, dlse, dw, scale, causal, dropout_p, seed):
     out = [torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)]
     if A_k is not None:
         out += [torch.empty_like(A_k), torch.empty_like(a_k), torch.empty_like(B_k), torch.empty_like(b_k)]
@@ -277,22 +284,23 @@ def _(q, k, v, A_k, a_k, B_k, b_k, kpm, o, lse, w, do, dlse, dw, scale, causal):
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, A_k, a_k, B_k, b_k, kpm, scale, causal, backend = inputs
+    q, k, v, A_k, a_k, B_k, b_k, kpm, scale, causal, backend, dropout_p, seed = inputs
     o, lse, w = output
-    ctx.save_for_backward(q, k, v, A_k, a_k, B_k, b_k, kpm, o, lse, w)
-    ctx.meta = (scale, causal, backend)
+    ctx.save_for_backward(q, k, v, A_k, a_k, B_k, b_k, kpm, o, lse, w, seed)
+    ctx.meta = (scale, causal, backend, dropout_p)
 
 
 def _backward(ctx, do, dlse, dw):
-    q, k, v, A_k, a_k, B_k, b_k, kpm, o, lse, w = ctx.saved_tensors
-    scale, causal, backend = ctx.meta
+    q, k, v, A_k, a_k, B_k, b_k, kpm, o, lse, w, seed = ctx.saved_tensors
+    scale, causal, backend, dropout_p = ctx.meta
     _check_backward_runs(q, backend)
     do = torch.zeros_like(o) if do is None else do.contiguous()
     grads = torch.ops.kadapt.inducer_attention_backward(
-        q, k, v, A_k, a_k, B_k, b_k, kpm, o, lse, w, do, _zeros_or(dlse, lse), _zeros_or(dw, w), scale, causal)
+        q, k, v, A_k, a_k, B_k, b_k, kpm, o, lse, w, do, _zeros_or(dlse, lse), _zeros_or(dw, w), scale, causal,
+        dropout_p, seed)
     if A_k is None:
         grads = list(grads) + [None] * 4
-    return (*grads, None, None, None, None)
+    return (*grads, None, None, None, None, None, None)
 
 
 _inducer_attention_op.register_autograd(_backward, setup_context=_setup_context)
@@ -388,9 +396,12 @@ def inducer_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, A_k: to
     """(O, LSE, w) on the backend in force; see the module docstring. ``scale`` defaults to 1/√d.
 
     With ``gating`` O is (1 − w)·O (applied to the kernel's output by PyTorch; gradients flow through both).
-    ``attn_mask`` (a general bool keep-mask), ``attn_bias`` (an additive logit bias such as T5's relative
-    position bias) and ``dropout_p`` > 0 (attention-probability dropout) are computed by the reference only:
-    under "auto" such calls run the reference; a forced "triton" or "cuda" refuses them.
+    ``dropout_p`` > 0 drops attention probabilities (O only; never LSE or w): the Triton kernels draw a
+    Philox mask keyed by a seed taken from torch's CPU generator (so ``torch.manual_seed`` makes it
+    reproducible) and recompute it in the backward; the reference uses torch's dropout (same distribution,
+    another sample); the CUDA forward has no dropout. ``attn_mask`` (a general bool keep-mask) and
+    ``attn_bias`` (an additive logit bias such as T5's relative position bias) are computed by the reference
+    only: under "auto" such calls run the reference; a forced "triton" or "cuda" refuses them.
     """
     mlp = (A_k, a_k, B_k, b_k)
     _check(q, k, v, mlp, key_padding_mask)
@@ -398,14 +409,15 @@ def inducer_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, A_k: to
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if not math.isfinite(scale):
         raise ValueError(f"scale must be finite, got {scale}")
-    extras = [name for name, on in (("attn_mask", attn_mask is not None), ("attn_bias", attn_bias is not None),
-                                    ("dropout_p > 0", dropout_p > 0)) if on]
+    extras = [name for name, on in (("attn_mask", attn_mask is not None), ("attn_bias", attn_bias is not None))
+              if on]
     extras_reason = None
     if extras:
-        extras_reason = f"{' and '.join(extras)}: computed by the reference only (T5 relative bias, general masks, " \
-                        f"attention-probability dropout)"
+        extras_reason = f"{' and '.join(extras)}: computed by the reference only (T5 relative bias, general masks)"
     triton_reason = _triton_unsupported(q, mlp) or extras_reason
     cuda_reason = _cuda_unsupported(q, mlp) or extras_reason
+    if cuda_reason is None and dropout_p > 0:
+        cuda_reason = "dropout_p > 0: the CUDA forward has no attention-probability dropout (Triton has)"
     if (cuda_reason is None and backends.get_backend() == "auto" and not backends.triton_importable()
             and torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, *mlp))):
         # "auto" never picks a forward whose backward cannot run (a forced "cuda" raises in backward)
@@ -419,10 +431,15 @@ def inducer_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, A_k: to
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     mlp = tuple(None if t is None else t.contiguous() for t in mlp)
     kpm = None if key_padding_mask is None else key_padding_mask.to(torch.int8).contiguous()
+    dropout_p = float(dropout_p)
+    # A CPU scalar from torch's default generator: reproducible under torch.manual_seed, no device sync.
+    seed = torch.randint(0, 2 ** 62, (), dtype=torch.int64) if dropout_p > 0 else None
     if torch.compiler.is_compiling():
-        o, lse, w = torch.ops.kadapt.inducer_attention(q, k, v, *mlp, kpm, scale, bool(causal), backend)
+        o, lse, w = torch.ops.kadapt.inducer_attention(q, k, v, *mlp, kpm, scale, bool(causal), backend, dropout_p,
+                                                       seed)
     else:
-        o, lse, w = _InducerAttentionFunction.apply(q, k, v, *mlp, kpm, scale, bool(causal), backend)
+        o, lse, w = _InducerAttentionFunction.apply(q, k, v, *mlp, kpm, scale, bool(causal), backend, dropout_p,
+                                                    seed)
     if gating:
         o = (1 - w)[..., None].to(o.dtype) * o
     return o, lse, w
