@@ -446,3 +446,17 @@ def test_inducer_training_with_attention_dropout_runs_fused():
     (a, ga), (b, gb) = runs
     assert torch.equal(a, b) and all(torch.equal(x, y) for x, y in zip(ga, gb))
     assert all(torch.isfinite(g).all() for g in ga)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "t5"])
+@pytest.mark.parametrize("name", ["prefix", "mam"])
+def test_prefix_models_compile_fullgraph(family, name):
+    """No graph breaks through kadapt's attention function, its mask and the prefix MLP."""
+    torch._dynamo.reset()
+    model = tiny(family)
+    kadapt.patch(model, CONFIGS[name]())
+    kw = inputs(family)
+    kw["attention_mask"][0, -2:] = 0
+    eager = output(model, family, **kw)
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(**kw).logits, eager, rtol=1e-5, atol=1e-6)
