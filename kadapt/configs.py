@@ -437,8 +437,10 @@ class InducerTuningConfig(KadaptConfig):
     ``gating``: O ← (1 − w) O with the undropped w. Every parameter is tn01-initialised.
 
     ``lora`` (a LoRAConfig, e.g. Q only) and ``parallel_adapter`` (a ParallelAdapterConfig) add those
-    methods alongside, as the kernel-adapters presets do (inducer-lora, inducer-mam). Self-attention
-    everywhere; T5 cross-attention with ``cross_attention=True``.
+    methods alongside, as the kernel-adapters presets do (inducer-lora, inducer-mam); ``kernel_mix`` (a
+    KernelMixConfig: the inducer then sees the corrected q) and ``prefix`` (a PrefixTuningConfig: the
+    prefix keys enter the inducer's LSE) compose as METHODS.md §9 says. Self-attention everywhere; T5
+    cross-attention with ``cross_attention=True``.
     """
 
     method: ClassVar[str] = "inducer_tuning"
@@ -451,6 +453,8 @@ class InducerTuningConfig(KadaptConfig):
     cross_attention: bool = False
     lora: Any = None
     parallel_adapter: Any = None
+    kernel_mix: Any = None
+    prefix: Any = None
 
     def __post_init__(self) -> None:
         _check_int("key_width", self.key_width, 0)
@@ -467,6 +471,8 @@ class InducerTuningConfig(KadaptConfig):
         self.lora = _sub_config("lora", self.lora, LoRAConfig, optional=True)
         self.parallel_adapter = _sub_config("parallel_adapter", self.parallel_adapter, ParallelAdapterConfig,
                                             optional=True)
+        self.kernel_mix = _sub_config("kernel_mix", self.kernel_mix, KernelMixConfig, optional=True)
+        self.prefix = _sub_config("prefix", self.prefix, PrefixTuningConfig, optional=True)
 
 
 @dataclass

@@ -27,6 +27,9 @@ CONFIGS = {
                                                               gating=True),
     "inducer_share_lora": lambda: kadapt.InducerTuningConfig(
         key_width=2, value_width=3, head_share=True, lora=kadapt.LoRAConfig(r=2, targets=("q",), init="houlsby")),
+    "inducer_prefix_kernel_mix": lambda: kadapt.InducerTuningConfig(
+        key_width=2, value_width=3, prefix=kadapt.PrefixTuningConfig(prefix_length=3, hidden_size=8),
+        kernel_mix=kadapt.KernelMixConfig(r_q=1, r_qs=2, r_v=1, r_vs=2)),
     "mam": lambda: kadapt.MAMConfig(prefix=kadapt.PrefixTuningConfig(prefix_length=4, hidden_size=8),
                                     parallel_adapter=kadapt.ParallelAdapterConfig(bottleneck_dim=8, init="torch_default")),
 }
@@ -460,3 +463,45 @@ def test_prefix_models_compile_fullgraph(family, name):
     eager = output(model, family, **kw)
     compiled = torch.compile(model, fullgraph=True, backend="eager")
     torch.testing.assert_close(compiled(**kw).logits, eager, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_inducer_with_prefix_layer_equals_concat_softmax(causal):
+    """§9: with prefix tuning alongside, the prefix keys are real columns of the inducer's softmax (LSE)."""
+    from kadapt.methods.prefix import PrefixAttention, PrefixEncoder
+    torch.manual_seed(0)
+    B, H, d, D, P, T = 2, 3, 8, 24, 4, 7
+    layer = InducerAttention(D, H, d, 2, 3, True, False, False, None, {"dtype": torch.float32}).eval()
+    layer.prefix = PrefixAttention(PrefixEncoder(P, D, D, 5, 1, {"dtype": torch.float32}), 0, H, d)
+    q, k, v = (torch.randn(B, H, T, d) for _ in range(3))
+    pad = torch.ones(B, T, dtype=torch.bool)
+    pad[0, :2] = False
+    o, _ = layer(None, q, k, v, KadaptMask(causal, pad), scaling=0.3, dropout=0.0)
+    kp, vp = (t.detach().expand(B, -1, -1, -1) for t in layer.prefix.prefix())
+    keep = pad[:, None, None, :].expand(B, 1, T, T)
+    if causal:
+        keep = keep & (torch.arange(T)[None, :] <= torch.arange(T)[:, None])
+    keep = torch.cat([torch.ones(B, 1, T, P, dtype=torch.bool), keep], -1)
+    want_o, want_delta = _concat_inducer(layer, q.double(), torch.cat([kp, k], 2).double(),
+                                         torch.cat([vp, v], 2).double(), 0.3, keep, None)
+    torch.testing.assert_close(o.double(), want_o.transpose(1, 2), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(layer.take_delta().double(), want_delta, rtol=1e-5, atol=1e-5)
+
+
+def test_inducer_with_prefix_and_kernel_mix_budget_and_eject():
+    model = tiny("gpt2")
+    cfg = CONFIGS["inducer_prefix_kernel_mix"]()
+    alone = {}
+    for name, part in (("inducer", kadapt.InducerTuningConfig(key_width=2, value_width=3)),
+                       ("prefix", cfg.prefix), ("kernel_mix", cfg.kernel_mix)):
+        kadapt.patch(model, part)
+        alone[name] = kadapt.trainable_parameters(model)[0]
+        kadapt.unpatch(model)
+    kadapt.patch(model, cfg)
+    assert kadapt.trainable_parameters(model)[0] == sum(alone.values())  # methods compose additively
+    _bump(model)
+    before = output(model, "gpt2")
+    kadapt.eject(model)
+    torch.testing.assert_close(output(model, "gpt2"), before, rtol=1e-6, atol=1e-6)
+    P, D, layers = 3, 64, 2
+    assert kadapt.trainable_parameters(model)[0] == alone["inducer"] + alone["kernel_mix"] + 2 * layers * P * D

@@ -44,6 +44,7 @@ class InducerAttention(nn.Module):
             tn01_(p)
             self.register_parameter(name, p)
         self._delta: torch.Tensor | None = None  # Δ of the call in flight, taken by the O-projection hook
+        self.prefix: nn.Module | None = None      # a PrefixAttention when prefix tuning coexists (§9)
 
     def key_mlp(self) -> tuple:
         if not self.key_width:
@@ -51,6 +52,8 @@ class InducerAttention(nn.Module):
         return (self.key_a, self.key_a_bias, self.key_b, self.key_b_bias)
 
     def forward(self, module: nn.Module, query, key, value, mask, *, scaling, dropout, base=None, **kwargs):
+        if self.prefix is not None:  # the prefix keys enter the LSE (METHODS.md §9)
+            key, value, mask, kwargs = self.prefix.extend(query, key, value, mask, kwargs)
         B, H, Tq, d = query.shape
         causal, kpm, attn_mask = unpack(mask, B, Tq, key.shape[2])
         bias = kwargs.get("position_bias")

@@ -74,7 +74,9 @@ class PrefixAttention(nn.Module):
         self.value = nn.Parameter(v.detach().clone())
         object.__setattr__(self, "_encoder", None)
 
-    def forward(self, module: nn.Module, query, key, value, mask, *, scaling, dropout, base: Callable, **kwargs):
+    def extend(self, query, key, value, mask, kwargs: dict):
+        """(key, value, mask, kwargs) with the prefix in front: [K_P; K], [V_P; V], P always-visible columns,
+        zero T5 relative bias on them."""
         B, _, Tq, _ = query.shape
         Tk, P = key.shape[2], self.prefix_length
         kp, vp = self.prefix()
@@ -82,9 +84,12 @@ class PrefixAttention(nn.Module):
         value = torch.cat([vp.to(value.dtype).expand(B, -1, -1, -1), value], dim=2)
         mask = prepend_keys(mask, B, Tq, P, Tk, query.device)
         bias = kwargs.get("position_bias")
-        if bias is not None:  # T5: the prefix columns get zero relative bias
-            zeros = bias.new_zeros((*bias.shape[:-1], P))
-            kwargs["position_bias"] = torch.cat([zeros, bias], dim=-1)
+        if bias is not None:
+            kwargs = {**kwargs, "position_bias": torch.cat([bias.new_zeros((*bias.shape[:-1], P)), bias], dim=-1)}
+        return key, value, mask, kwargs
+
+    def forward(self, module: nn.Module, query, key, value, mask, *, scaling, dropout, base: Callable, **kwargs):
+        key, value, mask, kwargs = self.extend(query, key, value, mask, kwargs)
         return call_base(base, module, query, key, value, mask, scaling, dropout, **kwargs)
 
     def extra_repr(self) -> str:

@@ -215,15 +215,31 @@ def _plan_prefix(plan: _Plan, model: nn.Module, backbone: Backbone, config: Pref
         plan.prefix_encoders = {}
 
 
+def _plan_kernel_mix(plan: _Plan, backbone: Backbone, config: KernelMixConfig) -> None:
+    for site in backbone.kernel_mix_sites(config.cross_attention):
+        km = KernelMix(backbone.hidden_size, site.heads, site.head_dim, config, _factory(site.q[0].weight))
+        plan.kernel_mix.append((site, km.train(site.owner.training)))  # dropout follows the host's mode
+
+
 def _plan_inducer(plan: _Plan, model: nn.Module, backbone: Backbone, config: InducerTuningConfig) -> None:
     attention.check_implementations(model)
     plan.switch_attention = True
     dim = backbone.hidden_size
+    prefixes: dict[int, tuple[AttentionSite, PrefixAttention]] = {}
+    if config.prefix is not None:
+        _plan_prefix(plan, model, backbone, config.prefix)
+        prefixes = {id(site.module): (site, module) for site, module in plan.attention}
+        plan.attention = []
     for site in backbone.attention_sites(cross_attention=config.cross_attention):
         inducer = InducerAttention(dim, site.heads, site.head_dim, config.key_width, config.value_width,
                                    config.value_extension, config.head_share, config.gating, config.w_dropout,
                                    _factory(site.o.weight))
+        if id(site.module) in prefixes:
+            inducer.prefix = prefixes.pop(id(site.module))[1]
         plan.attention.append((site, inducer.train(site.module.training)))
+    plan.attention += list(prefixes.values())  # prefix-only layers (e.g. T5 cross-attention)
+    if config.kernel_mix is not None:
+        _plan_kernel_mix(plan, backbone, config.kernel_mix)
     if config.lora is not None:
         _plan_lora(plan, backbone, config.lora)
     if config.parallel_adapter is not None:
@@ -263,10 +279,7 @@ def _plan(model: nn.Module, backbone: Backbone, config: KadaptConfig) -> _Plan:
     elif isinstance(config, InducerTuningConfig):
         _plan_inducer(plan, model, backbone, config)
     elif isinstance(config, KernelMixConfig):
-        for site in backbone.kernel_mix_sites(config.cross_attention):
-            weight = site.q[0].weight
-            km = KernelMix(backbone.hidden_size, site.heads, site.head_dim, config, _factory(weight))
-            plan.kernel_mix.append((site, km.train(site.owner.training)))  # dropout follows the host's mode
+        _plan_kernel_mix(plan, backbone, config)
     else:
         raise ValueError(f"config: {type(config).__name__} is not supported by this version of kadapt.patch")
     plan.train_existing += heads
@@ -413,14 +426,14 @@ def eject(model: nn.Module) -> nn.Module:
     if record is None:
         raise ValueError("model is not patched by kadapt (nothing to eject)")
     config = record.config
-    prefix = config.prefix if isinstance(config, MAMConfig) else config
+    prefix = config.prefix if isinstance(config, (MAMConfig, InducerTuningConfig)) else config
     if not isinstance(prefix, PrefixTuningConfig):
-        raise ValueError(f"model is patched with method {config.method!r}, which has no prefix to eject; "
-                         f"methods with a prefix: {PrefixTuningConfig.method!r}, {MAMConfig.method!r}")
+        raise ValueError(f"model is patched with method {config.method!r} without a prefix: nothing to eject; "
+                         f"methods with a prefix: {PrefixTuningConfig.method!r}, {MAMConfig.method!r}, "
+                         f"{InducerTuningConfig.method!r} with prefix=...")
     if not prefix.reparameterize:
         raise ValueError("the prefix is already ejected (reparameterize=False): there is no MLP to drop")
-    for owner, name in record.added_modules:
-        module = owner._modules.get(name)
+    for module in model.modules():
         if isinstance(module, PrefixAttention):
             module.eject()
     for owner, name in list(record.added_modules):
