@@ -17,8 +17,9 @@
 #   kernel-mix, inducer, prefix and MAM (benchmarks/train_step.py).
 #
 # A fresh machine compiles every Triton specialisation the GPU tests reach (minutes) and the build
-# takes ~1.5 min: within the 10-minute limit of one device call run `build test` and `build bench`
-# as two calls.
+# takes ~1.5–2 min: within the 10-minute limit of one device call run `build` first, then `test`
+# (TEST_TIMEOUT=560), `bench`, `attn` (ATTN_ARGS="--d 64", then "--d 128") and `attn_train` as separate
+# calls on the same warm machine (the installed build is kept while it stays warm).
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ROOT="$(pwd)"

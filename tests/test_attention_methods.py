@@ -20,6 +20,7 @@ from kadapt.methods.attention import KadaptMask
 from kadapt.methods.inducer import InducerAttention
 
 FAMILIES = ("gpt2", "roberta", "bert", "t5")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # forced Triton: the GPU, or the interpreter on CPU
 CONFIGS = {
     "prefix": lambda: kadapt.PrefixTuningConfig(prefix_length=5, hidden_size=16),
     "inducer": lambda: kadapt.InducerTuningConfig(key_width=3, value_width=4),
@@ -182,8 +183,8 @@ def test_inducer_model_triton_equals_reference(family, name):
     model = _no_dropout(tiny(family).float())
     kadapt.patch(model, CONFIGS[name]())
     _bump(model)
-    model.train()
-    kw = inputs(family)
+    model.train().to(DEVICE)
+    kw = {k: v.to(DEVICE) for k, v in inputs(family).items()}
     kw["attention_mask"][1, -2:] = 0
     if family == "t5":
         kadapt.set_backend("triton")
@@ -432,10 +433,10 @@ def test_inducer_model_compiles_fullgraph_on_the_fused_path(family):
 def test_inducer_training_with_attention_dropout_runs_fused():
     """The backbone's attention dropout (0.1) stays on: the Triton kernels drop probabilities themselves
     (Philox mask keyed from torch's generator), so a forced Triton trains and torch.manual_seed repeats it."""
-    model = tiny("gpt2").float().train()
+    model = tiny("gpt2").float().train().to(DEVICE)
     assert model.config.attn_pdrop > 0
     kadapt.patch(model, CONFIGS["inducer"]())
-    kw = inputs("gpt2")
+    kw = {k: v.to(DEVICE) for k, v in inputs("gpt2").items()}
     params = [p for p in model.parameters() if p.requires_grad]
     kadapt.set_backend("triton")
     try:

@@ -379,7 +379,7 @@ def _seeded_mask(torch_seed, B, H, Tq, Tk, p):
     CPU generator (torch.randint(0, 2**62, ()))."""
     torch.manual_seed(torch_seed)
     seed = int(torch.randint(0, 2 ** 62, (), dtype=torch.int64))
-    return K.dropout_keep_mask(seed, B, H, Tq, Tk, p, "cpu")
+    return K.dropout_keep_mask(seed, B, H, Tq, Tk, p, DEVICE).cpu()
 
 
 @pytest.mark.parametrize("compiled", [False, True])
@@ -389,19 +389,21 @@ def test_public_op_dropout_matches_the_explicit_mask_reference(compiled):
 
     torch.manual_seed(0)
     B, H, Tq, Tk, d, m, p = 2, 2, 7, 19, 16, 3, 0.3
-    q, k, v = (torch.randn(B, H, T, d) for T in (Tq, Tk, Tk))
-    mlp = [torch.randn(H, d, m) * 0.3, torch.randn(H, m) * 0.3, torch.randn(H, m, d) * 0.3, torch.randn(H, d) * 0.3]
-    kpm = torch.ones(B, Tk, dtype=torch.bool)
+    q, k, v = (torch.randn(B, H, T, d, device=DEVICE) for T in (Tq, Tk, Tk))
+    mlp = [torch.randn(H, d, m, device=DEVICE) * 0.3, torch.randn(H, m, device=DEVICE) * 0.3,
+           torch.randn(H, m, d, device=DEVICE) * 0.3, torch.randn(H, d, device=DEVICE) * 0.3]
+    kpm = torch.ones(B, Tk, dtype=torch.bool, device=DEVICE)
     kpm[1, :5] = False
     leaves = [t.requires_grad_() for t in (q, k, v)]
-    ups = [torch.randn(B, H, Tq, d), torch.randn(B, H, Tq), torch.randn(B, H, Tq)]
+    ups = [torch.randn(B, H, Tq, d, device=DEVICE), torch.randn(B, H, Tq, device=DEVICE),
+           torch.randn(B, H, Tq, device=DEVICE)]
     keep = _seeded_mask(11, B, H, Tq, Tk, p)
     z = keep.double() / (1 - p)
 
     def run(*ts):
         return inducer_attention(*ts, *mlp, scale=0.4, causal=True, key_padding_mask=kpm, dropout_p=p)
 
-    fn = torch.compile(run, fullgraph=True, backend="aot_eager") if compiled else run
+    fn = torch.compile(run, fullgraph=True, backend="inductor" if GPU else "aot_eager") if compiled else run
     kadapt.set_backend("triton")
     try:
         torch._dynamo.reset()
@@ -411,7 +413,8 @@ def test_public_op_dropout_matches_the_explicit_mask_reference(compiled):
         grads = torch.autograd.grad(loss, leaves)
     finally:
         kadapt.set_backend("auto")
-    (o_r, lse_r, w_r), (dq, dk, dv, _) = reference_grads(q, k, v, mlp, kpm.to(torch.int8), 0.4, True, z, *ups)
+    (o_r, lse_r, w_r), (dq, dk, dv, _) = reference_grads(q, k, v, mlp, kpm.to(torch.int8).cpu(), 0.4, True, z,
+                                                         *ups)
     assert_close(o, o_r, "O")
     assert_close(lse, lse_r, "LSE")
     assert_close(w, w_r, "w")
@@ -423,7 +426,7 @@ def test_public_op_dropout_follows_torch_manual_seed():
     import kadapt
     from kadapt.ops import inducer_attention
 
-    q, k, v = (torch.randn(1, 2, 9, 16) for _ in range(3))
+    q, k, v = (torch.randn(1, 2, 9, 16, device=DEVICE) for _ in range(3))
     kadapt.set_backend("triton")
     try:
         outs = []
