@@ -827,7 +827,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> inducer_attention_fwd_cuda(
               v.sizes());
   TORCH_CHECK(Tq < (int64_t{1} << 30) && Tk < (int64_t{1} << 30), kOp,
               ": sequence lengths must be below 2^30, got Tq = ", Tq, ", Tk = ", Tk);
-  TORCH_CHECK(std::isfinite(scale), kOp, ": scale must be finite, got ", scale);
+  TORCH_CHECK(std::isfinite(static_cast<float>(scale)), kOp, ": scale must be finite, got ", scale);
 
   const bool has_mlp = A_k.has_value();
   TORCH_CHECK(a_k.has_value() == has_mlp && B_k.has_value() == has_mlp &&

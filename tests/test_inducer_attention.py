@@ -569,3 +569,12 @@ def test_compiles_fullgraph_with_triton(with_mlp, poisoned):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     for a, b in zip(g, g_eager):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_cuda_forward_refuses_dropout_even_through_the_custom_op():
+    """The CUDA forward has no dropout; its (Triton) backward would recompute a mask the forward never
+    applied, so the custom op itself refuses rather than returning mismatched gradients later."""
+    ts, _ = _small()
+    seed = torch.tensor(3, dtype=torch.int64)
+    with pytest.raises(RuntimeError, match="the CUDA forward has no attention-probability dropout"):
+        torch.ops.kadapt.inducer_attention(*ts[:3], None, None, None, None, None, 0.5, False, "cuda", 0.3, seed)

@@ -186,6 +186,9 @@ def _fwd(q, k, v, mlp, kpm, scale, causal, backend, dropout_p=0.0, seed=None):
     """(O, LSE, w) from the Triton forward or (backend "cuda") the CUDA one; same function, same outputs.
     ``seed`` (an int64 CPU tensor) keys the Philox dropout mask when ``dropout_p`` > 0 (Triton only)."""
     if backend == "cuda":
+        if dropout_p > 0:  # the backward would recompute a Philox mask this forward never applied
+            raise RuntimeError("inducer_attention: the CUDA forward has no attention-probability dropout; "
+                               "dropout_p > 0 needs the 'triton' or 'reference' backend")
         return _cuda_fwd(q, k, v, mlp, kpm, scale, causal)
     from kadapt.ops.triton import inducer_attention as kernels
 
@@ -362,6 +365,8 @@ def _triton_unsupported(q, mlp) -> str | None:
 
 
 def _cuda_unsupported(q, mlp) -> str | None:
+    if q.is_cuda and torch.cuda.get_device_capability(q.device) < (8, 0):
+        return "the CUDA kernel needs compute capability ≥ 8.0 (mma.sync bf16, cp.async)"
     if q.dtype not in _DTYPES:
         return f"dtype {q.dtype} is not one of float32, float16, bfloat16"
     if q.shape[-1] > CUDA_MAX_HEAD_DIM:
