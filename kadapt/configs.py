@@ -441,6 +441,10 @@ class InducerTuningConfig(KadaptConfig):
     KernelMixConfig: the inducer then sees the corrected q) and ``prefix`` (a PrefixTuningConfig: the
     prefix keys enter the inducer's LSE) compose as METHODS.md §9 says. Self-attention everywhere; T5
     cross-attention with ``cross_attention=True``.
+
+    ``compat_inducer_lse_with_padding`` (METHODS.md §11 quirk 7, for parity with the published NLU numbers,
+    which pad to 512): w = σ(s0 − LSE*) with LSE* over the padded keys too, as the seed's joint softmax
+    before the padding mask does; O is unchanged. Costs a second attention pass over unmasked keys.
     """
 
     method: ClassVar[str] = "inducer_tuning"
@@ -455,9 +459,11 @@ class InducerTuningConfig(KadaptConfig):
     parallel_adapter: Any = None
     kernel_mix: Any = None
     prefix: Any = None
+    compat_inducer_lse_with_padding: bool = False
 
     def __post_init__(self) -> None:
         _check_int("key_width", self.key_width, 0)
+        _check_bool("compat_inducer_lse_with_padding", self.compat_inducer_lse_with_padding)
         _check_int("value_width", self.value_width, 1)
         _check_bool("value_extension", self.value_extension)
         _check_bool("head_share", self.head_share)

@@ -506,3 +506,35 @@ def test_inducer_with_prefix_and_kernel_mix_budget_and_eject():
     torch.testing.assert_close(output(model, "gpt2"), before, rtol=1e-6, atol=1e-6)
     P, D, layers = 3, 64, 2
     assert kadapt.trainable_parameters(model)[0] == alone["inducer"] + alone["kernel_mix"] + 2 * layers * P * D
+
+
+@pytest.mark.parametrize("gating", [False, True])
+def test_compat_inducer_lse_with_padding(gating):
+    """Quirk 7 (parity flag): w = σ(s0 − LSE*) with LSE* over the padded keys too; O over the valid keys."""
+    torch.manual_seed(0)
+    B, H, d, D, T = 2, 3, 8, 24, 9
+    args = (D, H, d, 2, 3, True, False, gating, None, {"dtype": torch.float64})
+    plain = InducerAttention(*args).eval()
+    compat = InducerAttention(*args, lse_with_padding=True).eval()
+    compat.load_state_dict(plain.state_dict())
+    q, k, v = (torch.randn(B, H, T, d, dtype=torch.float64) for _ in range(3))
+    pad = torch.ones(B, T, dtype=torch.bool)
+    pad[1, :4] = False
+    mask = KadaptMask(False, pad)
+    o_plain, _ = plain(None, q, k, v, mask, scaling=0.3, dropout=0.0)
+    o, _ = compat(None, q, k, v, mask, scaling=0.3, dropout=0.0)
+    h = torch.tanh(torch.einsum("bhtd,hdm->bhtm", q, compat.key_a) + compat.key_a_bias[:, None])
+    p_key = q + torch.einsum("bhtm,hmd->bhtd", h, compat.key_b) + compat.key_b_bias[:, None]
+    s0 = 0.3 * (q * p_key).sum(-1)
+    s = 0.3 * q @ k.transpose(-1, -2)
+    w_all = torch.sigmoid(s0 - torch.logsumexp(s, -1))  # padded keys inflate LSE*
+    w_valid = torch.sigmoid(s0 - torch.logsumexp(s.masked_fill(~pad[:, None, None], float("-inf")), -1))
+    assert (w_all[1] < w_valid[1]).all() and torch.allclose(w_all[0], w_valid[0])
+    u = torch.tanh(torch.einsum("bhtd,hdm->bhtm", q, compat.value_a) + compat.value_a_bias[:, None])
+    want = torch.einsum("bhtm,hmD->btD", w_all[..., None] * u, compat.value_b) + compat.value_b_bias
+    torch.testing.assert_close(compat.take_delta(), want)
+    if gating:  # O ← (1 − w*) O_valid
+        scale = ((1 - w_all) / (1 - w_valid)).transpose(1, 2)[..., None]
+        torch.testing.assert_close(o, o_plain * scale)
+    else:
+        torch.testing.assert_close(o, o_plain)

@@ -24,8 +24,10 @@ from kadapt.ops.inducer_attention import inducer_attention
 
 class InducerAttention(nn.Module):
     def __init__(self, model_dim: int, heads: int, head_dim: int, key_width: int, value_width: int,
-                 value_extension: bool, head_share: bool, gating: bool, w_dropout: float | None, factory: dict):
+                 value_extension: bool, head_share: bool, gating: bool, w_dropout: float | None, factory: dict,
+                 lse_with_padding: bool = False):
         super().__init__()
+        self.lse_with_padding = lse_with_padding  # quirk 7: w from an LSE that includes padded keys
         D, H, d, mk, mv = model_dim, heads, head_dim, key_width, value_width
         self.model_dim, self.heads, self.head_dim = D, H, d
         self.key_width, self.value_width = mk, mv
@@ -58,9 +60,18 @@ class InducerAttention(nn.Module):
         causal, kpm, attn_mask = unpack(mask, B, Tq, key.shape[2])
         bias = kwargs.get("position_bias")
         mlp = tuple(None if t is None else t.to(query.dtype) for t in self.key_mlp())
-        o, _, w = inducer_attention(query, key, value, *mlp, scale=scaling, causal=causal and Tq > 1,
-                                    key_padding_mask=kpm, gating=self.gating, attn_mask=attn_mask,
-                                    attn_bias=bias, dropout_p=float(dropout))
+        causal = causal and Tq > 1
+        compat = self.lse_with_padding and kpm is not None
+        o, _, w = inducer_attention(query, key, value, *mlp, scale=scaling, causal=causal, key_padding_mask=kpm,
+                                    gating=self.gating and not compat, attn_mask=attn_mask, attn_bias=bias,
+                                    dropout_p=float(dropout))
+        if compat:
+            # The seed's joint softmax ran before the padding mask: w = σ(s0 − LSE*), LSE* over padded keys too
+            # (exact gradients: padded keys get only the LSE* term, METHODS.md §12.1 "padding parity").
+            _, _, w = inducer_attention(query, key, value, *mlp, scale=scaling, causal=causal, attn_mask=attn_mask,
+                                        attn_bias=bias)
+            if self.gating:
+                o = (1 - w)[..., None].to(o.dtype) * o
         p_w = dropout if self.w_dropout is None else (self.w_dropout if self.training else 0.0)
         w = nn.functional.dropout(w, p_w, training=p_w > 0).to(query.dtype)  # (B, H, Tq)
         u = torch.tanh(torch.einsum("bhtd,hdm->bhtm", query, self.value_a.to(query.dtype))
