@@ -409,6 +409,8 @@ class PrefixTuningConfig(KadaptConfig):
     padding mask), get no position embedding and zero T5 relative bias; nothing is stored in the KV cache.
     T5: one set each for encoder self-, decoder self- and (``cross_attention``, default on) cross-attention.
     Defaults P = 30, m_p = 512 (generic); preset ``he2022_mam_roberta`` uses P = 16, m_p = 800.
+    ``compat_prefix_shift_positions`` (GPT-2 only; METHODS.md §11 quirk 17): real-token positions start at
+    P, as when the prefix is fed through ``past_key_values`` (PEFT); needed for exact PEFT export.
     """
 
     method: ClassVar[str] = "prefix_tuning"
@@ -416,8 +418,10 @@ class PrefixTuningConfig(KadaptConfig):
     hidden_size: int = 512
     reparameterize: bool = True
     cross_attention: bool = True
+    compat_prefix_shift_positions: bool = False
 
     def __post_init__(self) -> None:
+        _check_bool("compat_prefix_shift_positions", self.compat_prefix_shift_positions)
         _check_int("prefix_length", self.prefix_length, 1)
         _check_int("hidden_size", self.hidden_size, 1)
         _check_bool("reparameterize", self.reparameterize)

@@ -538,3 +538,24 @@ def test_compat_inducer_lse_with_padding(gating):
         torch.testing.assert_close(o, o_plain * scale)
     else:
         torch.testing.assert_close(o, o_plain)
+
+
+def test_gpt2_prefix_shift_positions_equals_peft_style_cache():
+    """Quirk 17 parity flag: real-token positions start at P, exactly as the unpatched model computes them
+    when the prefixes come in as past_key_values without explicit position ids (PEFT)."""
+    model = tiny("gpt2")
+    kw = inputs("gpt2")
+    P = 4
+    kadapt.patch(model, kadapt.PrefixTuningConfig(prefix_length=P, hidden_size=8, compat_prefix_shift_positions=True))
+    got = output(model, "gpt2", **kw)
+    prefixes = [blk.attn.kadapt_attention.prefix() for blk in model.transformer.h]
+    kadapt.unpatch(model)
+    B = kw["input_ids"].shape[0]
+    cache = DynamicCache(config=model.config)
+    for layer, (kp, vp) in enumerate(prefixes):
+        cache.update(kp.detach().expand(B, -1, -1, -1), vp.detach().expand(B, -1, -1, -1), layer)
+    mask = torch.cat([torch.ones(B, P, dtype=kw["attention_mask"].dtype), kw["attention_mask"]], 1)
+    want = model(input_ids=kw["input_ids"], attention_mask=mask, past_key_values=cache).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="compat_prefix_shift_positions=True is GPT-2 only"):
+        kadapt.patch(tiny("roberta"), kadapt.PrefixTuningConfig(compat_prefix_shift_positions=True))

@@ -176,6 +176,7 @@ class _Plan:
         self.prefix_encoders: dict[str, PrefixEncoder] = {}
         self.attention: list[tuple[AttentionSite, nn.Module]] = []  # prefix / inducer layer modules
         self.switch_attention = False                               # set the "kadapt" implementation
+        self.position_shift: tuple[nn.Module, int] | None = None    # (position embedding, P): quirk 17
 
 
 def _plan_lora(plan: _Plan, backbone: Backbone, config: LoRAConfig) -> None:
@@ -195,9 +196,18 @@ def _plan_parallel(plan: _Plan, backbone: Backbone, config: ParallelAdapterConfi
             plan.parallel.append((site, adapter.train(site.target.training)))
 
 
+def _shift_positions_hook(shift: int, module: nn.Module, args):
+    return (args[0] + shift, *args[1:])
+
+
 def _plan_prefix(plan: _Plan, model: nn.Module, backbone: Backbone, config: PrefixTuningConfig) -> None:
     attention.check_implementations(model)
     plan.switch_attention = True
+    if config.compat_prefix_shift_positions:
+        if backbone.family != "gpt2":
+            raise ValueError(f"compat_prefix_shift_positions=True is GPT-2 only (PEFT's past_key_values prefix "
+                             f"shifts GPT-2's learned positions); this model is {backbone.family!r}")
+        plan.position_shift = (backbone.root.wpe, config.prefix_length)
     dim = backbone.hidden_size
     sites = backbone.attention_sites(cross_attention=config.cross_attention)
     by_set: dict[str, list[AttentionSite]] = {}
@@ -361,6 +371,9 @@ def patch(model: nn.Module, config: KadaptConfig) -> nn.Module:
                 if isinstance(module, InducerAttention) and module.value_extension:
                     record.hooks.append(site.o.register_forward_hook(functools.partial(_inducer_o_hook, module)))
             record.attn_configs = attention.set_implementation(model, attention.IMPLEMENTATION)
+        if plan.position_shift is not None:
+            wpe, shift = plan.position_shift
+            record.hooks.append(wpe.register_forward_pre_hook(functools.partial(_shift_positions_hook, shift)))
         for bs in plan.bias_sites:
             ref = bs.module.weight
             existed = "bias" in bs.module._parameters
