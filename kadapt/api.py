@@ -56,7 +56,8 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike) -> None:
 def _read_meta(directory: Path) -> dict:
     path = directory / CONFIG_NAME
     if not path.is_file():
-        raise ValueError(f"{path} not found: not a kadapt adapter directory (expected {CONFIG_NAME} and {WEIGHTS_NAME})")
+        raise ValueError(f"{path} not found: not a kadapt adapter directory "
+                         f"(expected {CONFIG_NAME} and {WEIGHTS_NAME})")
     try:
         meta = json.loads(path.read_text())
     except json.JSONDecodeError as e:

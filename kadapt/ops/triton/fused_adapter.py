@@ -392,7 +392,8 @@ def _kron_factor_grads_kernel(
         kmask = ks < KI
         m2 = kmask[:, None] & pmask[None, :]
         if KIND == 1:
-            b = tl.load(s_ptr + i * KI * KO + ks[:, None] * ss_k + ps[None, :] * ss_r, mask=m2, other=0.0).to(tl.float32)
+            b = tl.load(s_ptr + i * KI * KO + ks[:, None] * ss_k + ps[None, :] * ss_r, mask=m2,
+                        other=0.0).to(tl.float32)
         else:
             b = tl.zeros((BC, BF), tl.float32)
             for rho in range(R):
