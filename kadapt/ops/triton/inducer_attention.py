@@ -31,10 +31,23 @@ Attention-probability dropout (``dropout_p`` > 0; standard FA2 dropout, LSE, s0 
   Limits: Tq·Tk < 2³¹ (checked), bh < 2³¹. ``dropout_keep_mask`` materialises the same mask (tests, and the
   PyTorch layer when it needs it). DROPOUT is a constexpr: the p = 0 kernels are the dropout-free ones.
 
+Additive logit bias (``bias``; T5's relative position bias, METHODS.md §8.3): s_ij = c⟨q_i, k_j⟩ + bias_ij on the
+real logits only (s0 never gets it). ``bias`` is a floating tensor of shape (Bb, Hb, Tq', Tk') with each dim 1 or
+full (B, H, Tq, Tk); size-1 dims are broadcast through zero strides and any strides are taken as they are (no
+copy, no expansion: T5's permuted (1, H, Tq, Tk) view of a (Tq, Tk, H) table is read in place). Every kernel that
+forms s (the forward, _bwd_dkdv and _bwd_dq) loads the bias tile of the visible entries, converts it to fp32 and
+adds it before the masks, so P = exp(s + bias − LSE) is the same in the forward and the backward. A −inf entry acts
+as a mask (P = 0, no NaN; a row whose every key is −inf is a fully masked row: O = 0, LSE = −inf, w = 1); +inf or
+NaN entries are not supported (NaN out), and fp64 values beyond the fp32 range become ±inf. No gradient w.r.t.
+the bias is computed: T5's relative-attention table is frozen in every kadapt method (a trainable bias would need
+dBias = dS, a Tq×Tk reduction these kernels do not form). HAS_BIAS is a constexpr: bias=None compiles today's
+kernels unchanged (the bias pointer and strides are then dummies).
+
 Accumulation is fp32; P and dS are cast to the input dtype before ``tl.dot`` (tensor cores); fp32 uses
 input_precision="ieee" (no TF32). Causal, key-padding and key-MLP switches are runtime/constexpr as noted at
-each kernel; only tile sizes, BD, BMK, HAS_MLP, DROPOUT and the dtype make new compilations (the seed is a
-runtime int32 and is not specialised).
+each kernel; only tile sizes, BD, BMK, HAS_MLP, DROPOUT, HAS_BIAS and the dtypes (incl. the bias's) make new
+compilations (the seed and the bias's batch/head/query strides are runtime ints and are not specialised; its key
+stride is, so a unit key stride is known to the compiler).
 """
 from __future__ import annotations
 
@@ -42,7 +55,7 @@ import torch
 import triton
 import triton.language as tl
 
-_NO_SPEC = ["H", "Tq", "Tk", "HAS_MASK", "CAUSAL", "seed"]
+_NO_SPEC = ["H", "Tq", "Tk", "HAS_MASK", "CAUSAL", "seed", "sb_b", "sb_h", "sb_q"]
 _MAX_DROPOUT_OFFSET = 2 ** 31  # the per-head Philox counter i·Tk + j is int32: Tq·Tk must stay below this
 
 
@@ -57,6 +70,13 @@ def _dropout_keep(seed, bh, offs, dropout_p):
     Philox keyed by (k0, k1) = (seed32, bh), uniform r ∈ [0, 1), keep iff r ≥ p."""
     key = (seed.to(tl.int64) & 0xFFFFFFFF) | (bh.to(tl.int64) << 32)
     return tl.rand(key, offs) >= dropout_p
+
+
+@triton.jit
+def _bias_tile(base, r, c, sb_q, sb_k, mask):
+    """fp32 bias at (query r, key c) (broadcastable int32 index tiles) of one (batch, head): base[r·sb_q + c·sb_k];
+    0 outside ``mask`` (only the visible entries are read)."""
+    return tl.load(base + r.to(tl.int64) * sb_q + c.to(tl.int64) * sb_k, mask=mask, other=0.0).to(tl.float32)
 
 
 @triton.jit
@@ -79,9 +99,9 @@ def _key_mlp(q, ak_ptr, aa_ptr, bk_ptr, bb_ptr, head, D, MK, dims, dmask,
 
 
 @triton.jit(do_not_specialize=_NO_SPEC)
-def _fwd_kernel(q_ptr, k_ptr, v_ptr, ak_ptr, aa_ptr, bk_ptr, bb_ptr, kpm_ptr, o_ptr, lse_ptr, w_ptr,
-                scale, H, Tq, Tk, D, MK, HAS_MASK, CAUSAL, seed, dropout_p, drop_scale,
-                HAS_MLP: tl.constexpr, PREC: tl.constexpr, DROPOUT: tl.constexpr,
+def _fwd_kernel(q_ptr, k_ptr, v_ptr, ak_ptr, aa_ptr, bk_ptr, bb_ptr, kpm_ptr, bias_ptr, o_ptr, lse_ptr, w_ptr,
+                scale, H, Tq, Tk, D, MK, HAS_MASK, CAUSAL, seed, dropout_p, drop_scale, sb_b, sb_h, sb_q, sb_k,
+                HAS_MLP: tl.constexpr, PREC: tl.constexpr, DROPOUT: tl.constexpr, HAS_BIAS: tl.constexpr,
                 BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BMK: tl.constexpr):
     dtype = q_ptr.dtype.element_ty
     pid_m = tl.program_id(0)
@@ -102,6 +122,8 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, ak_ptr, aa_ptr, bk_ptr, bb_ptr, kpm_ptr, o_
         s0 = scale * tl.sum(qf * (qf + phi), 1)
     else:
         s0 = scale * tl.sum(qf * qf, 1)
+    if HAS_BIAS:
+        bias_base = bias_ptr + b.to(tl.int64) * sb_b + head.to(tl.int64) * sb_h
 
     off = Tk - Tq
     hi = Tk
@@ -121,6 +143,8 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, ak_ptr, aa_ptr, bk_ptr, bb_ptr, kpm_ptr, o_
             valid = valid & (keep != 0)[None, :]
         if CAUSAL:
             valid = valid & (cols[None, :] <= rows[:, None] + off)
+        if HAS_BIAS:  # a −inf bias gives s = −inf: p = 0 below, like a masked key
+            s += _bias_tile(bias_base, rows[:, None], cols[None, :], sb_q, sb_k, valid)
         s = tl.where(valid, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -170,13 +194,16 @@ def _bwd_preprocess(o_ptr, do_ptr, w_ptr, dw_ptr, dlse_ptr, delta_ptr, ds0_ptr, 
 
 
 @triton.jit(do_not_specialize=_NO_SPEC)
-def _bwd_dkdv(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, kpm_ptr, dk_ptr, dv_ptr,
-              scale, H, Tq, Tk, D, HAS_MASK, CAUSAL, seed, dropout_p, drop_scale,
-              PREC: tl.constexpr, DROPOUT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
+def _bwd_dkdv(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, kpm_ptr, bias_ptr, dk_ptr, dv_ptr,
+              scale, H, Tq, Tk, D, HAS_MASK, CAUSAL, seed, dropout_p, drop_scale, sb_b, sb_h, sb_q, sb_k,
+              PREC: tl.constexpr, DROPOUT: tl.constexpr, HAS_BIAS: tl.constexpr,
+              BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
     dtype = q_ptr.dtype.element_ty
     pid_n = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
+    if HAS_BIAS:
+        bias_base = bias_ptr + b.to(tl.int64) * sb_b + (bh % H).to(tl.int64) * sb_h
     cols = pid_n * BN + tl.arange(0, BN)
     cmask = cols < Tk
     dims = tl.arange(0, BD)
@@ -209,6 +236,8 @@ def _bwd_dkdv(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, kpm_ptr, dk_ptr, 
         valid = colvalid[:, None] & rmask[None, :]
         if CAUSAL:
             valid = valid & (cols[:, None] <= rows[None, :] + off)
+        if HAS_BIAS:  # the transposed tile: bias[i = rows, j = cols] at (j, i)
+            s_t += _bias_tile(bias_base, rows[None, :], cols[:, None], sb_q, sb_k, valid)
         p_t = tl.where(valid, tl.exp(tl.where(valid, s_t - lse[None, :], 0.0)), 0.0)
         r_mask = rmask[:, None] & dmask[None, :]
         do = tl.load(do_base + rows[:, None] * D + dims[None, :], mask=r_mask, other=0.0)
@@ -230,8 +259,9 @@ def _bwd_dkdv(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, kpm_ptr, dk_ptr, 
 
 @triton.jit(do_not_specialize=_NO_SPEC)
 def _bwd_dq(q_ptr, k_ptr, v_ptr, ak_ptr, aa_ptr, bk_ptr, bb_ptr, do_ptr, lse_ptr, delta_ptr, ds0_ptr, kpm_ptr,
-            dq_ptr, scale, H, Tq, Tk, D, MK, HAS_MASK, CAUSAL, seed, dropout_p, drop_scale,
-            HAS_MLP: tl.constexpr, PREC: tl.constexpr, DROPOUT: tl.constexpr,
+            bias_ptr, dq_ptr, scale, H, Tq, Tk, D, MK, HAS_MASK, CAUSAL, seed, dropout_p, drop_scale,
+            sb_b, sb_h, sb_q, sb_k, HAS_MLP: tl.constexpr, PREC: tl.constexpr, DROPOUT: tl.constexpr,
+            HAS_BIAS: tl.constexpr,
             BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BMK: tl.constexpr):
     dtype = q_ptr.dtype.element_ty
     pid_m = tl.program_id(0)
@@ -252,6 +282,8 @@ def _bwd_dq(q_ptr, k_ptr, v_ptr, ak_ptr, aa_ptr, bk_ptr, bb_ptr, do_ptr, lse_ptr
     delta = tl.load(delta_ptr + stat_off, mask=rmask, other=0.0)
     k_base = k_ptr + bh.to(tl.int64) * Tk * D
     v_base = v_ptr + bh.to(tl.int64) * Tk * D
+    if HAS_BIAS:
+        bias_base = bias_ptr + b.to(tl.int64) * sb_b + head.to(tl.int64) * sb_h
     off = Tk - Tq
     hi = Tk
     if CAUSAL:
@@ -269,6 +301,8 @@ def _bwd_dq(q_ptr, k_ptr, v_ptr, ak_ptr, aa_ptr, bk_ptr, bb_ptr, do_ptr, lse_ptr
             valid = valid & (keep != 0)[None, :]
         if CAUSAL:
             valid = valid & (cols[None, :] <= rows[:, None] + off)
+        if HAS_BIAS:
+            s += _bias_tile(bias_base, rows[:, None], cols[None, :], sb_q, sb_k, valid)
         p = tl.where(valid, tl.exp(tl.where(valid, s - lse[:, None], 0.0)), 0.0)
         v_t = tl.load(v_base + cols[None, :] * D + dims[:, None], mask=t_mask, other=0.0)
         dp = tl.dot(do, v_t, input_precision=PREC)
@@ -377,13 +411,35 @@ def _mlp_args(q, A_k, a_k, B_k, b_k):
     return A_k, a_k, B_k, b_k, mk, max(16, triton.next_power_of_2(mk)), True
 
 
+def _bias_args(bias, q, Tk: int) -> tuple:
+    """(pointer, sb_b, sb_h, sb_q, sb_k, HAS_BIAS) kernel arguments of the additive logit bias: its own strides,
+    0 along a size-1 (broadcast) dim; q stands in for the pointer when there is no bias."""
+    if bias is None:
+        return q, 0, 0, 0, 0, False
+    B, H, Tq, _ = q.shape
+    full = (B, H, Tq, Tk)
+    if not isinstance(bias, torch.Tensor) or not bias.dtype.is_floating_point:
+        raise ValueError(f"bias must be a floating-point tensor, got {getattr(bias, 'dtype', type(bias))}")
+    if bias.dim() != 4 or any(n not in (1, f) for n, f in zip(bias.shape, full)):
+        raise ValueError(f"bias must have shape (1 or B, 1 or H, 1 or Tq, 1 or Tk) for (B, H, Tq, Tk) = {full}, "
+                         f"got {tuple(bias.shape)}")
+    if bias.device != q.device:
+        raise ValueError(f"bias is on {bias.device} but q is on {q.device}")
+    strides = tuple(0 if n == 1 else st for n, st in zip(bias.shape, bias.stride()))
+    return (bias, *strides, True)
+
+
 def inducer_attention_fwd(q, k, v, A_k, a_k, B_k, b_k, kpm, scale: float, causal: bool, *, dropout_p: float = 0.0,
-                          seed: int = 0):
+                          seed: int = 0, bias=None):
     """(O (B, H, Tq, d) in q's dtype, LSE (B, H, Tq) fp32, w (B, H, Tq) fp32) for contiguous inputs;
     kpm is an int8 (B, Tk) keep-mask or None. ``dropout_p`` > 0 drops attention probabilities in O only
-    (mask ``dropout_keep_mask(seed, ...)``; LSE and w are unaffected); the backward needs the same seed and p."""
+    (mask ``dropout_keep_mask(seed, ...)``; LSE and w are unaffected); the backward needs the same seed and p.
+    ``bias`` (optional, any float dtype and strides, shape (1|B, 1|H, 1|Tq, 1|Tk), broadcast without a copy) is
+    added to the real logits c⟨q_i, k_j⟩ (never to s0) before the masks; −inf entries mask. The backward needs the
+    same bias; no gradient w.r.t. it is ever computed (see the module docstring)."""
     B, H, Tq, D = q.shape
     Tk = k.shape[2]
+    bias_arg, sb_b, sb_h, sb_q, sb_k, has_bias = _bias_args(bias, q, Tk)
     o = _empty(q.shape, device=q.device, dtype=q.dtype)
     lse = _empty((B, H, Tq), device=q.device, dtype=torch.float32)
     w = _empty((B, H, Tq), device=q.device, dtype=torch.float32)
@@ -394,18 +450,21 @@ def inducer_attention_fwd(q, k, v, A_k, a_k, B_k, b_k, kpm, scale: float, causal
     bd = max(16, triton.next_power_of_2(D))
     a0, a1, a2, a3, mk, bmk, has_mlp = _mlp_args(q, A_k, a_k, B_k, b_k)
     _fwd_kernel[(triton.cdiv(Tq, bm), B * H)](
-        q, k, v, a0, a1, a2, a3, kpm if kpm is not None else q, o, lse, w,
-        scale, H, Tq, Tk, D, mk, int(kpm is not None), int(causal), seed32, p, drop_scale,
-        HAS_MLP=has_mlp, PREC=_prec(q), DROPOUT=dropout, BM=bm, BN=bn, BD=bd, BMK=bmk, num_warps=warps)
+        q, k, v, a0, a1, a2, a3, kpm if kpm is not None else q, bias_arg, o, lse, w,
+        scale, H, Tq, Tk, D, mk, int(kpm is not None), int(causal), seed32, p, drop_scale, sb_b, sb_h, sb_q, sb_k,
+        HAS_MLP=has_mlp, PREC=_prec(q), DROPOUT=dropout, HAS_BIAS=has_bias, BM=bm, BN=bn, BD=bd, BMK=bmk,
+        num_warps=warps)
     return o, lse, w
 
 
 def inducer_attention_bwd(q, k, v, A_k, a_k, B_k, b_k, kpm, o, lse, w, do, dlse, dw, scale: float, causal: bool, *,
-                          dropout_p: float = 0.0, seed: int = 0):
+                          dropout_p: float = 0.0, seed: int = 0, bias=None):
     """(dq, dk, dv, ∂L/∂s0 (B, H, Tq) fp32) for contiguous inputs and upstream gradients do, dlse, dw;
-    ``dropout_p`` and ``seed`` must be those of the forward that produced o (the mask is recomputed)."""
+    ``dropout_p``, ``seed`` and ``bias`` must be those of the forward that produced o and lse (the mask is
+    recomputed, the bias re-added to the recomputed logits). There is no bias gradient (the bias is a constant)."""
     B, H, Tq, D = q.shape
     Tk = k.shape[2]
+    bias_arg, sb_b, sb_h, sb_q, sb_k, has_bias = _bias_args(bias, q, Tk)
     dq = _empty(q.shape, device=q.device, dtype=q.dtype)
     dk = _empty(k.shape, device=k.device, dtype=k.dtype)
     dv = _empty(v.shape, device=v.device, dtype=v.dtype)
@@ -427,10 +486,12 @@ def inducer_attention_bwd(q, k, v, A_k, a_k, B_k, b_k, kpm, o, lse, w, do, dlse,
                                                   num_warps=warps)
     if Tk > 0:
         _bwd_dkdv[(triton.cdiv(Tk, bn), B * H)](
-            q, k, v, do, lse, delta, mask_arg, dk, dv, scale, H, Tq, Tk, D, int(kpm is not None), int(causal),
-            seed32, p, drop_scale, PREC=prec, DROPOUT=dropout, BM=bm, BN=bn, BD=bd, num_warps=warps)
+            q, k, v, do, lse, delta, mask_arg, bias_arg, dk, dv, scale, H, Tq, Tk, D, int(kpm is not None),
+            int(causal), seed32, p, drop_scale, sb_b, sb_h, sb_q, sb_k, PREC=prec, DROPOUT=dropout,
+            HAS_BIAS=has_bias, BM=bm, BN=bn, BD=bd, num_warps=warps)
     _bwd_dq[(triton.cdiv(Tq, bm), B * H)](
-        q, k, v, a0, a1, a2, a3, do, lse, delta, ds0, mask_arg, dq, scale, H, Tq, Tk, D, mk,
-        int(kpm is not None), int(causal), seed32, p, drop_scale,
-        HAS_MLP=has_mlp, PREC=prec, DROPOUT=dropout, BM=bm, BN=bn, BD=bd, BMK=bmk, num_warps=warps)
+        q, k, v, a0, a1, a2, a3, do, lse, delta, ds0, mask_arg, bias_arg, dq, scale, H, Tq, Tk, D, mk,
+        int(kpm is not None), int(causal), seed32, p, drop_scale, sb_b, sb_h, sb_q, sb_k,
+        HAS_MLP=has_mlp, PREC=prec, DROPOUT=dropout, HAS_BIAS=has_bias, BM=bm, BN=bn, BD=bd, BMK=bmk,
+        num_warps=warps)
     return dq, dk, dv, ds0
