@@ -408,9 +408,10 @@ def test_forced_cuda_refuses_what_the_kernel_cannot_take(monkeypatch, case):
         kwargs, match = {}, "dtype torch.float64 is not one of"
     else:
         ts, _ = _small()
-        kwargs, match = _extra_kwargs(case, ts), f"{case}: computed by the reference only"
-        if case == "dropout_p":
-            match = "dropout_p > 0: the CUDA forward has no attention-probability dropout"
+        kwargs = _extra_kwargs(case, ts)
+        match = {"attn_mask": "attn_mask: computed by the reference only",
+                 "attn_bias": "attn_bias: the CUDA forward has no logit bias",
+                 "dropout_p": "dropout_p > 0: the CUDA forward has no attention-probability dropout"}[case]
     kadapt.set_backend("cuda")
     with pytest.raises(RuntimeError, match=f"'cuda' is forced but cannot run inducer_attention: {match}"):
         inducer_attention(*ts, **kwargs)
@@ -577,4 +578,24 @@ def test_cuda_forward_refuses_dropout_even_through_the_custom_op():
     ts, _ = _small()
     seed = torch.tensor(3, dtype=torch.int64)
     with pytest.raises(RuntimeError, match="the CUDA forward has no attention-probability dropout"):
-        torch.ops.kadapt.inducer_attention(*ts[:3], None, None, None, None, None, 0.5, False, "cuda", 0.3, seed)
+        torch.ops.kadapt.inducer_attention(*ts[:3], None, None, None, None, None, 0.5, False, "cuda", 0.3, seed, None)
+
+
+def test_attn_bias_runs_fused_unless_it_needs_a_gradient(monkeypatch, poisoned):
+    """attn_bias (T5's relative bias) runs in the Triton kernels (no bias gradient); a bias that requires
+    grad goes to the reference under auto, and a forced Triton refuses it."""
+    fa.skip_unless_runnable("triton", torch.float32)
+    ts, kpm = _small(device="cuda" if torch.cuda.is_available() else "cpu")
+    B, H, Tq, Tk = ts[0].shape[0], ts[0].shape[1], ts[0].shape[2], ts[1].shape[2]
+    bias = torch.randn(1, H, Tq, Tk, device=ts[0].device)
+    kadapt.set_backend("triton")
+    try:
+        got = inducer_attention(*ts, key_padding_mask=kpm, attn_bias=bias)
+        assert poisoned, "the Triton kernels must run"
+        ref = inducer_attention_reference(*ts, key_padding_mask=kpm, attn_bias=bias)
+        for a, b in zip(got, ref):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+        with pytest.raises(RuntimeError, match="attn_bias requires grad: the fused kernels give the bias no gradient"):
+            inducer_attention(*ts, key_padding_mask=kpm, attn_bias=bias.requires_grad_())
+    finally:
+        kadapt.set_backend("auto")

@@ -182,19 +182,25 @@ def _cuda_fwd(q, k, v, mlp, kpm, scale, causal):
     return torch.ops.kadapt.inducer_attention_fwd(q, k, v, *mlp, kpm, scale, causal)
 
 
-def _fwd(q, k, v, mlp, kpm, scale, causal, backend, dropout_p=0.0, seed=None):
+def _triton_extras(dropout_p, seed, bias) -> dict:
+    extra = {"dropout_p": dropout_p, "seed": int(seed)} if dropout_p > 0 else {}
+    if bias is not None:
+        extra["bias"] = bias
+    return extra
+
+
+def _fwd(q, k, v, mlp, kpm, scale, causal, backend, dropout_p=0.0, seed=None, bias=None):
     """(O, LSE, w) from the Triton forward or (backend "cuda") the CUDA one; same function, same outputs.
-    ``seed`` (an int64 CPU tensor) keys the Philox dropout mask when ``dropout_p`` > 0 (Triton only)."""
+    ``seed`` (an int64 CPU tensor) keys the Philox dropout mask when ``dropout_p`` > 0 and ``bias`` is an
+    additive logit bias (both Triton only)."""
     if backend == "cuda":
-        if dropout_p > 0:  # the backward would recompute a Philox mask this forward never applied
-            raise RuntimeError("inducer_attention: the CUDA forward has no attention-probability dropout; "
-                               "dropout_p > 0 needs the 'triton' or 'reference' backend")
+        if dropout_p > 0 or bias is not None:  # the Triton backward would assume what this forward never did
+            raise RuntimeError("inducer_attention: the CUDA forward has no attention-probability dropout and no "
+                               "logit bias; dropout_p > 0 or attn_bias need the 'triton' or 'reference' backend")
         return _cuda_fwd(q, k, v, mlp, kpm, scale, causal)
     from kadapt.ops.triton import inducer_attention as kernels
 
-    if dropout_p > 0:
-        return kernels.inducer_attention_fwd(q, k, v, *mlp, kpm, scale, causal, dropout_p=dropout_p, seed=int(seed))
-    return kernels.inducer_attention_fwd(q, k, v, *mlp, kpm, scale, causal)
+    return kernels.inducer_attention_fwd(q, k, v, *mlp, kpm, scale, causal, **_triton_extras(dropout_p, seed, bias))
 
 
 def _check_backward_runs(q, backend) -> None:
@@ -208,14 +214,13 @@ def _check_backward_runs(q, backend) -> None:
                            f"or 'reference' to train")
 
 
-def _bwd(q, k, v, mlp, kpm, o, lse, w, do, dlse, dw, scale, causal, dropout_p=0.0, seed=None):
+def _bwd(q, k, v, mlp, kpm, o, lse, w, do, dlse, dw, scale, causal, dropout_p=0.0, seed=None, bias=None):
     """(dq, dk, dv, dA, da, dB, db) (MLP grads None without a key MLP); the dropout mask is recomputed from
-    the forward's seed."""
+    the forward's seed; the bias gets no gradient (T5's relative-bias table is frozen)."""
     from kadapt.ops.triton import inducer_attention as kernels
 
-    extra = {"dropout_p": dropout_p, "seed": int(seed)} if dropout_p > 0 else {}
     dq, dk, dv, ds0 = kernels.inducer_attention_bwd(q, k, v, *mlp, kpm, o, lse, w, do, dlse, dw, scale, causal,
-                                                    **extra)
+                                                    **_triton_extras(dropout_p, seed, bias))
     if mlp[0] is None:
         return dq, dk, dv, None, None, None, None
     dA, da, dB, db = _mlp_grads(q, ds0, mlp[0], mlp[1], mlp[2], scale)
@@ -228,23 +233,23 @@ def _zeros_or(g, like):
 
 class _InducerAttentionFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, A_k, a_k, B_k, b_k, kpm, scale, causal, backend, dropout_p, seed):
+    def forward(ctx, q, k, v, A_k, a_k, B_k, b_k, kpm, scale, causal, backend, dropout_p, seed, bias):
         mlp = (A_k, a_k, B_k, b_k)
-        o, lse, w = _fwd(q, k, v, mlp, kpm, scale, causal, backend, dropout_p, seed)
-        ctx.save_for_backward(q, k, v, A_k, a_k, B_k, b_k, kpm, o, lse, w, seed)
+        o, lse, w = _fwd(q, k, v, mlp, kpm, scale, causal, backend, dropout_p, seed, bias)
+        ctx.save_for_backward(q, k, v, A_k, a_k, B_k, b_k, kpm, o, lse, w, seed, bias)
         ctx.meta = (scale, causal, backend, dropout_p)
         ctx.set_materialize_grads(False)
         return o, lse, w
 
     @staticmethod
     def backward(ctx, do, dlse, dw):
-        q, k, v, A_k, a_k, B_k, b_k, kpm, o, lse, w, seed = ctx.saved_tensors
+        q, k, v, A_k, a_k, B_k, b_k, kpm, o, lse, w, seed, bias = ctx.saved_tensors
         scale, causal, backend, dropout_p = ctx.meta
         _check_backward_runs(q, backend)
         do = torch.zeros_like(o) if do is None else do.contiguous()
         grads = _bwd(q, k, v, (A_k, a_k, B_k, b_k), kpm, o, lse, w, do, _zeros_or(dlse, lse), _zeros_or(dw, w),
-                     scale, causal, dropout_p, seed)
-        return (*grads, None, None, None, None, None, None)
+                     scale, causal, dropout_p, seed, bias)
+        return (*grads, None, None, None, None, None, None, None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -254,15 +259,17 @@ class _InducerAttentionFunction(torch.autograd.Function):
 def _inducer_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, A_k: Optional[torch.Tensor],
                           a_k: Optional[torch.Tensor], B_k: Optional[torch.Tensor], b_k: Optional[torch.Tensor],
                           kpm: Optional[torch.Tensor], scale: float, causal: bool, backend: str, dropout_p: float,
-                          seed: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                          seed: Optional[torch.Tensor], bias: Optional[torch.Tensor]
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(O, LSE, w) for contiguous (B, H, T, d) q, k, v; kpm is the int8 (B, Tk) key padding mask or None;
     ``backend`` ("triton" | "cuda") picks the forward kernel (the backward is Triton's either way);
-    ``seed`` (int64 CPU scalar tensor) keys the attention-probability dropout when ``dropout_p`` > 0."""
-    return _fwd(q, k, v, (A_k, a_k, B_k, b_k), kpm, scale, causal, backend, dropout_p, seed)
+    ``seed`` (int64 CPU scalar tensor) keys the attention-probability dropout when ``dropout_p`` > 0;
+    ``bias`` is an additive logit bias broadcasting to (B, H, Tq, Tk) (no gradient)."""
+    return _fwd(q, k, v, (A_k, a_k, B_k, b_k), kpm, scale, causal, backend, dropout_p, seed, bias)
 
 
 @_inducer_attention_op.register_fake
-def _(q, k, v, A_k, a_k, B_k, b_k, kpm, scale, causal, backend, dropout_p, seed):
+def _(q, k, v, A_k, a_k, B_k, b_k, kpm, scale, causal, backend, dropout_p, seed, bias):
     st = _stats_dtype(q.dtype)
     return torch.empty_like(q), q.new_empty(q.shape[:-1], dtype=st), q.new_empty(q.shape[:-1], dtype=st)
 
@@ -272,14 +279,15 @@ def _inducer_attention_backward_op(
         q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, A_k: Optional[torch.Tensor], a_k: Optional[torch.Tensor],
         B_k: Optional[torch.Tensor], b_k: Optional[torch.Tensor], kpm: Optional[torch.Tensor], o: torch.Tensor,
         lse: torch.Tensor, w: torch.Tensor, do: torch.Tensor, dlse: torch.Tensor, dw: torch.Tensor, scale: float,
-        causal: bool, dropout_p: float, seed: Optional[torch.Tensor]) -> list[torch.Tensor]:
+        causal: bool, dropout_p: float, seed: Optional[torch.Tensor], bias: Optional[torch.Tensor]
+        ) -> list[torch.Tensor]:
     """[dq, dk, dv] (+ [dA_k, da_k, dB_k, db_k] with a key MLP)."""
-    grads = _bwd(q, k, v, (A_k, a_k, B_k, b_k), kpm, o, lse, w, do, dlse, dw, scale, causal, dropout_p, seed)
+    grads = _bwd(q, k, v, (A_k, a_k, B_k, b_k), kpm, o, lse, w, do, dlse, dw, scale, causal, dropout_p, seed, bias)
     return [g for g in grads if g is not None]
 
 
 @_inducer_attention_backward_op.register_fake
-def _(q, k, v, A_k, a_k, B_k, b_k, kpm, o, lse, w, do, dlse, dw, scale, causal, dropout_p, seed):
+def _(q, k, v, A_k, a_k, B_k, b_k, kpm, o, lse, w, do, dlse, dw, scale, causal, dropout_p, seed, bias):
     out = [torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)]
     if A_k is not None:
         out += [torch.empty_like(A_k), torch.empty_like(a_k), torch.empty_like(B_k), torch.empty_like(b_k)]
@@ -287,23 +295,23 @@ def _(q, k, v, A_k, a_k, B_k, b_k, kpm, o, lse, w, do, dlse, dw, scale, causal, 
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, A_k, a_k, B_k, b_k, kpm, scale, causal, backend, dropout_p, seed = inputs
+    q, k, v, A_k, a_k, B_k, b_k, kpm, scale, causal, backend, dropout_p, seed, bias = inputs
     o, lse, w = output
-    ctx.save_for_backward(q, k, v, A_k, a_k, B_k, b_k, kpm, o, lse, w, seed)
+    ctx.save_for_backward(q, k, v, A_k, a_k, B_k, b_k, kpm, o, lse, w, seed, bias)
     ctx.meta = (scale, causal, backend, dropout_p)
 
 
 def _backward(ctx, do, dlse, dw):
-    q, k, v, A_k, a_k, B_k, b_k, kpm, o, lse, w, seed = ctx.saved_tensors
+    q, k, v, A_k, a_k, B_k, b_k, kpm, o, lse, w, seed, bias = ctx.saved_tensors
     scale, causal, backend, dropout_p = ctx.meta
     _check_backward_runs(q, backend)
     do = torch.zeros_like(o) if do is None else do.contiguous()
     grads = torch.ops.kadapt.inducer_attention_backward(
         q, k, v, A_k, a_k, B_k, b_k, kpm, o, lse, w, do, _zeros_or(dlse, lse), _zeros_or(dw, w), scale, causal,
-        dropout_p, seed)
+        dropout_p, seed, bias)
     if A_k is None:
         grads = list(grads) + [None] * 4
-    return (*grads, None, None, None, None, None, None)
+    return (*grads, None, None, None, None, None, None, None)
 
 
 _inducer_attention_op.register_autograd(_backward, setup_context=_setup_context)
@@ -404,9 +412,11 @@ def inducer_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, A_k: to
     ``dropout_p`` > 0 drops attention probabilities (O only; never LSE or w): the Triton kernels draw a
     Philox mask keyed by a seed taken from torch's CPU generator (so ``torch.manual_seed`` makes it
     reproducible) and recompute it in the backward; the reference uses torch's dropout (same distribution,
-    another sample); the CUDA forward has no dropout. ``attn_mask`` (a general bool keep-mask) and
-    ``attn_bias`` (an additive logit bias such as T5's relative position bias) are computed by the reference
-    only: under "auto" such calls run the reference; a forced "triton" or "cuda" refuses them.
+    another sample); the CUDA forward has no dropout. ``attn_bias`` (an additive logit bias broadcasting to
+    (B, H, Tq, Tk), such as T5's relative position bias; s0 never gets it) runs in the Triton kernels, which
+    give it no gradient: a bias that requires grad goes to the reference. ``attn_mask`` (a general bool
+    keep-mask) is computed by the reference only. Under "auto" such calls run the next backend that can;
+    a forced backend that cannot refuses them.
     """
     mlp = (A_k, a_k, B_k, b_k)
     _check(q, k, v, mlp, key_padding_mask)
@@ -414,13 +424,13 @@ def inducer_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, A_k: to
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if not math.isfinite(scale):
         raise ValueError(f"scale must be finite, got {scale}")
-    extras = [name for name, on in (("attn_mask", attn_mask is not None), ("attn_bias", attn_bias is not None))
-              if on]
-    extras_reason = None
-    if extras:
-        extras_reason = f"{' and '.join(extras)}: computed by the reference only (T5 relative bias, general masks)"
-    triton_reason = _triton_unsupported(q, mlp) or extras_reason
-    cuda_reason = _cuda_unsupported(q, mlp) or extras_reason
+    mask_reason = None if attn_mask is None else "attn_mask: computed by the reference only (general masks)"
+    if mask_reason is None and attn_bias is not None and attn_bias.requires_grad and torch.is_grad_enabled():
+        mask_reason = "attn_bias requires grad: the fused kernels give the bias no gradient (the reference does)"
+    triton_reason = _triton_unsupported(q, mlp) or mask_reason
+    cuda_reason = _cuda_unsupported(q, mlp) or mask_reason
+    if cuda_reason is None and attn_bias is not None:
+        cuda_reason = "attn_bias: the CUDA forward has no logit bias (Triton has)"
     if cuda_reason is None and dropout_p > 0:
         cuda_reason = "dropout_p > 0: the CUDA forward has no attention-probability dropout (Triton has)"
     if (cuda_reason is None and backends.get_backend() == "auto" and not backends.triton_importable()
@@ -439,12 +449,13 @@ def inducer_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, A_k: to
     dropout_p = float(dropout_p)
     # A CPU scalar from torch's default generator: reproducible under torch.manual_seed, no device sync.
     seed = torch.randint(0, 2 ** 62, (), dtype=torch.int64) if dropout_p > 0 else None
+    bias = attn_bias  # needs no gradient here (checked above): the T5 relative-bias table is frozen
     if torch.compiler.is_compiling():
         o, lse, w = torch.ops.kadapt.inducer_attention(q, k, v, *mlp, kpm, scale, bool(causal), backend, dropout_p,
-                                                       seed)
+                                                       seed, bias)
     else:
         o, lse, w = _InducerAttentionFunction.apply(q, k, v, *mlp, kpm, scale, bool(causal), backend, dropout_p,
-                                                    seed)
+                                                    seed, bias)
     if gating:
         o = (1 - w)[..., None].to(o.dtype) * o
     return o, lse, w
