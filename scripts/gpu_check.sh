@@ -51,7 +51,8 @@ if has test; then
         "$ROOT/tests/test_cuda_kernels.py" "$ROOT/tests/test_fused_adapter.py" "$ROOT/tests/test_phm.py" \
         "$ROOT/tests/test_ops.py" "$ROOT/tests/test_build.py" "$ROOT/tests/test_patch.py" \
         "$ROOT/tests/test_custom_ops.py" "$ROOT/tests/test_inducer_attention.py" \
-        "$ROOT/tests/test_inducer_dropout.py" "$ROOT/tests/test_attention_methods.py" 2>&1) \
+        "$ROOT/tests/test_inducer_dropout.py" "$ROOT/tests/test_inducer_bias.py" \
+        "$ROOT/tests/test_attention_methods.py" 2>&1) \
         | tail -40 | tee "$OUT/tests_gpu.txt"
     echo "test seconds: $(( $(date +%s) - start ))" | tee -a "$OUT/tests_gpu.txt"
 fi
