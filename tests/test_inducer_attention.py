@@ -431,7 +431,7 @@ def test_auto_prefers_triton_then_cuda(monkeypatch, poisoned):
     assert op_module.AUTO_ORDER == ("triton", "cuda")
     calls = _cuda_stand_in(monkeypatch)
     monkeypatch.setattr(backends, "triton_reason", lambda x, forced: None)  # both fused backends can run
-    ts, kpm = _small()
+    ts, kpm = _small(device=fa.DEVICE)
     ref = inducer_attention_reference(*ts, key_padding_mask=kpm)
     got = inducer_attention(*ts, key_padding_mask=kpm)
     assert poisoned and not calls, "auto must run Triton first"
