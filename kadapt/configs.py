@@ -446,6 +446,11 @@ class InducerTuningConfig(KadaptConfig):
     prefix keys enter the inducer's LSE) compose as METHODS.md §9 says. Self-attention everywhere; T5
     cross-attention with ``cross_attention=True``.
 
+    ``ablation`` (§8 item 12): "mh_adapter" (w ≡ 1: the model's own attention plus the value term, a
+    multi-head adapter) or "value_gating" (key = q; the extension gated by the undropped w, plus per-key
+    values g(k_j) = tanh(k_j A′_h + a′_h) mixed with (1 − w_i) P_ij and projected by B′_h ∈ R^{m_v×D} + b′;
+    fused as one attention over the value [v | g(k)]); both need key_width=0 and value_extension=True.
+
     ``compat_inducer_lse_with_padding`` (METHODS.md §11 quirk 7, for parity with the published NLU numbers,
     which pad to 512): w = σ(s0 − LSE*) with LSE* over the padded keys too, as the seed's joint softmax
     before the padding mask does; O is unchanged. Costs a second attention pass over unmasked keys.
@@ -464,10 +469,20 @@ class InducerTuningConfig(KadaptConfig):
     kernel_mix: Any = None
     prefix: Any = None
     compat_inducer_lse_with_padding: bool = False
+    ablation: str = "none"
 
     def __post_init__(self) -> None:
         _check_int("key_width", self.key_width, 0)
         _check_bool("compat_inducer_lse_with_padding", self.compat_inducer_lse_with_padding)
+        _check_choice("ablation", self.ablation, ("none", "mh_adapter", "value_gating"))
+        if self.ablation != "none":
+            for name, bad in (("key_width", self.key_width != 0), ("value_extension", not self.value_extension),
+                              ("gating", self.gating),
+                              ("compat_inducer_lse_with_padding", self.compat_inducer_lse_with_padding)):
+                if bad:
+                    raise ValueError(f"ablation={self.ablation!r} needs key_width=0, value_extension=True, "
+                                     f"gating=False and compat_inducer_lse_with_padding=False; got "
+                                     f"{name}={getattr(self, name)!r}")
         _check_int("value_width", self.value_width, 1)
         _check_bool("value_extension", self.value_extension)
         _check_bool("head_share", self.head_share)

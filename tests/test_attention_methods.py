@@ -31,6 +31,8 @@ CONFIGS = {
     "inducer_prefix_kernel_mix": lambda: kadapt.InducerTuningConfig(
         key_width=2, value_width=3, prefix=kadapt.PrefixTuningConfig(prefix_length=3, hidden_size=8),
         kernel_mix=kadapt.KernelMixConfig(r_q=1, r_qs=2, r_v=1, r_vs=2)),
+    "inducer_mh_adapter": lambda: kadapt.InducerTuningConfig(key_width=0, value_width=3, ablation="mh_adapter"),
+    "inducer_value_gating": lambda: kadapt.InducerTuningConfig(key_width=0, value_width=3, ablation="value_gating"),
     "mam": lambda: kadapt.MAMConfig(prefix=kadapt.PrefixTuningConfig(prefix_length=4, hidden_size=8),
                                     parallel_adapter=kadapt.ParallelAdapterConfig(bottleneck_dim=8, init="torch_default")),
 }
@@ -176,7 +178,7 @@ def test_inducer_dropout_on_w_is_one_mask_per_query():
 # whole models
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("name", ["inducer", "inducer_gated_noext", "inducer_share_lora"])
+@pytest.mark.parametrize("name", ["inducer", "inducer_gated_noext", "inducer_share_lora", "inducer_value_gating"])
 def test_inducer_model_triton_equals_reference(family, name):
     """The fused (Triton; interpreter on CPU) path through the patched model = the reference, forward and
     every trainable gradient (T5: the relative position bias enters the kernels as an additive logit bias)."""
@@ -345,6 +347,9 @@ def test_patched_inducer_model_compiles_fullgraph():
     (lambda: kadapt.InducerTuningConfig(lora={"r": 0}), "r"),
     (lambda: kadapt.InducerTuningConfig(lora=kadapt.ParallelAdapterConfig()), "lora"),
     (lambda: kadapt.PrefixTuningConfig(prefix_length=0), "prefix_length"),
+    (lambda: kadapt.InducerTuningConfig(ablation="mh"), "ablation"),
+    (lambda: kadapt.InducerTuningConfig(ablation="value_gating"), "key_width"),
+    (lambda: kadapt.InducerTuningConfig(key_width=0, ablation="mh_adapter", gating=True), "gating"),
     (lambda: kadapt.PrefixTuningConfig(hidden_size=-2), "hidden_size"),
     (lambda: kadapt.MAMConfig(parallel_adapter=kadapt.ParallelAdapterConfig(placement="attn")), "placement"),
     (lambda: kadapt.MAMConfig(prefix={"method": "lora"}), "prefix"),
@@ -551,3 +556,48 @@ def test_gpt2_prefix_shift_positions_equals_peft_style_cache():
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="compat_prefix_shift_positions=True is GPT-2 only"):
         kadapt.patch(tiny("roberta"), kadapt.PrefixTuningConfig(compat_prefix_shift_positions=True))
+
+
+@pytest.mark.parametrize("ablation", ["mh_adapter", "value_gating"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_inducer_ablations_equal_their_formulas(ablation, causal):
+    """§8 item 12. mh_adapter: w ≡ 1 (standard attention + Σ_h u^h B^v_h + c_v). value_gating: key = q,
+    Δ = Σ_h w^h u^h B^v_h + c_v + Σ_h (1 − w^h) (Σ_j P_hj g_h(k_j)) B′_h + b′ with the undropped w."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    torch.manual_seed(0)
+    B, H, d, D, T, m = 2, 3, 8, 24, 9, 4
+    layer = InducerAttention(D, H, d, 0, m, True, False, False, None, {"dtype": torch.float64},
+                             ablation=ablation).eval()
+    q, k, v = (torch.randn(B, H, T, d, dtype=torch.float64) for _ in range(3))
+    pad = torch.ones(B, T, dtype=torch.bool)
+    pad[1, -3:] = False  # right padding: no query row is fully masked (SDPA gives NaN there)
+    o, _ = layer(None, q, k, v, KadaptMask(causal, pad), scaling=0.3, dropout=0.0, base=sdpa_attention_forward)
+    keep = pad[:, None, None, :].expand(B, 1, T, T)
+    if causal:
+        keep = keep & (torch.arange(T)[None, :] <= torch.arange(T)[:, None])
+    s = (0.3 * q @ k.transpose(-1, -2)).masked_fill(~keep, float("-inf"))
+    p = torch.softmax(s, -1)
+    torch.testing.assert_close(o, (p @ v).transpose(1, 2))
+    u = torch.tanh(torch.einsum("bhtd,hdm->bhtm", q, layer.value_a) + layer.value_a_bias[:, None])
+    w = torch.ones(B, H, T, dtype=torch.float64)
+    if ablation == "value_gating":
+        w = torch.sigmoid(0.3 * (q * q).sum(-1) - torch.logsumexp(s, -1))
+    want = torch.einsum("bhtm,hmD->btD", w[..., None] * u, layer.value_b) + layer.value_b_bias
+    if ablation == "value_gating":
+        g = torch.tanh(torch.einsum("bhtd,hdm->bhtm", k, layer.gate_a) + layer.gate_a_bias[:, None])
+        mixed = (1 - w)[..., None] * (p @ g)
+        want = want + torch.einsum("bhtm,hmD->btD", mixed, layer.gate_b) + layer.gate_b_bias
+    torch.testing.assert_close(layer.take_delta(), want)
+
+
+def test_inducer_ablation_parameter_counts():
+    """value_gating adds A′ (H, d, m), a′ (H, m), B′ (H, m, D), b′ (D) per layer; mh_adapter has no key MLP."""
+    model = gpt2_small = tiny("gpt2", hidden=64)
+    H, d, D, m = 4, 16, 64, 3
+    base = H * (d * m + m) + H * m * D + D
+    for ablation, extra in (("mh_adapter", 0), ("value_gating", H * (d * m + m) + H * m * D + D)):
+        kadapt.patch(gpt2_small, kadapt.InducerTuningConfig(key_width=0, value_width=m, ablation=ablation))
+        sizes = {sum(p.numel() for p in mod.parameters()) for n, mod in model.named_modules()
+                 if n.endswith("kadapt_attention")}
+        kadapt.unpatch(model)
+        assert sizes == {base + extra}, (ablation, sizes)

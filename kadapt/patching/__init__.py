@@ -243,7 +243,8 @@ def _plan_inducer(plan: _Plan, model: nn.Module, backbone: Backbone, config: Ind
     for site in backbone.attention_sites(cross_attention=config.cross_attention):
         inducer = InducerAttention(dim, site.heads, site.head_dim, config.key_width, config.value_width,
                                    config.value_extension, config.head_share, config.gating, config.w_dropout,
-                                   _factory(site.o.weight), config.compat_inducer_lse_with_padding)
+                                   _factory(site.o.weight), config.compat_inducer_lse_with_padding,
+                                   config.ablation)
         if id(site.module) in prefixes:
             inducer.prefix = prefixes.pop(id(site.module))[1]
         plan.attention.append((site, inducer.train(site.module.training)))
