@@ -33,8 +33,9 @@ CONFIGS = {
         kernel_mix=kadapt.KernelMixConfig(r_q=1, r_qs=2, r_v=1, r_vs=2)),
     "inducer_mh_adapter": lambda: kadapt.InducerTuningConfig(key_width=0, value_width=3, ablation="mh_adapter"),
     "inducer_value_gating": lambda: kadapt.InducerTuningConfig(key_width=0, value_width=3, ablation="value_gating"),
-    "mam": lambda: kadapt.MAMConfig(prefix=kadapt.PrefixTuningConfig(prefix_length=4, hidden_size=8),
-                                    parallel_adapter=kadapt.ParallelAdapterConfig(bottleneck_dim=8, init="torch_default")),
+    "mam": lambda: kadapt.MAMConfig(
+        prefix=kadapt.PrefixTuningConfig(prefix_length=4, hidden_size=8),
+        parallel_adapter=kadapt.ParallelAdapterConfig(bottleneck_dim=8, init="torch_default")),
 }
 
 
@@ -417,7 +418,8 @@ def test_inducer_model_compiles_fullgraph_on_the_fused_path(family):
         params = [p for p in model.parameters() if p.requires_grad]
         eager = output(model, family, **kw)
         g_eager = torch.autograd.grad(eager.square().sum(), params)
-        compiled = torch.compile(model, fullgraph=True, backend="inductor" if torch.cuda.is_available() else "aot_eager")
+        backend = "inductor" if torch.cuda.is_available() else "aot_eager"
+        compiled = torch.compile(model, fullgraph=True, backend=backend)
         out = compiled(**kw).logits
         g = torch.autograd.grad(out.square().sum(), params)
     finally:
@@ -592,11 +594,11 @@ def test_inducer_ablations_equal_their_formulas(ablation, causal):
 
 def test_inducer_ablation_parameter_counts():
     """value_gating adds A′ (H, d, m), a′ (H, m), B′ (H, m, D), b′ (D) per layer; mh_adapter has no key MLP."""
-    model = gpt2_small = tiny("gpt2", hidden=64)
+    model = tiny("gpt2", hidden=64)
     H, d, D, m = 4, 16, 64, 3
     base = H * (d * m + m) + H * m * D + D
     for ablation, extra in (("mh_adapter", 0), ("value_gating", H * (d * m + m) + H * m * D + D)):
-        kadapt.patch(gpt2_small, kadapt.InducerTuningConfig(key_width=0, value_width=m, ablation=ablation))
+        kadapt.patch(model, kadapt.InducerTuningConfig(key_width=0, value_width=m, ablation=ablation))
         sizes = {sum(p.numel() for p in mod.parameters()) for n, mod in model.named_modules()
                  if n.endswith("kadapt_attention")}
         kadapt.unpatch(model)
