@@ -23,11 +23,13 @@ class KadaptMask(NamedTuple):
 
 
 def materialize(mask, batch: int, q_len: int, k_len: int, device) -> torch.Tensor | None:
-    """A 4-D (B, 1, Tq, Tk) bool keep-mask (None when nothing is masked) from either mask form."""
+    """A 4-D (B or 1, 1, Tq, Tk) bool keep-mask (None when nothing is masked) from either mask form."""
     if mask is None or isinstance(mask, torch.Tensor):
         return mask
     if not mask.causal and mask.key_padding is None:
         return None
+    if mask.key_padding is None:  # the same for every batch row: broadcast one
+        batch = 1
     return _keep_mask(batch, q_len, k_len, mask.causal and q_len > 1, mask.key_padding, device)
 
 
