@@ -11,6 +11,12 @@ Per (batch, head) and query row q_i (shapes: q (B, H, Tq, d), k, v (B, H, Tk, d)
 
 The value MLP, dropout on w, gating and the value extension are cheap epilogue math done by the method.
 
+Extras. ``attn_bias`` adds to the real logits only (T5's relative position bias; s0 never gets it; the
+Triton kernels read it through broadcast strides and give it no gradient). ``dropout_p`` drops attention
+probabilities in O only (never LSE or w); the Triton kernels draw a Philox mask keyed by a seed from
+torch's CPU generator and recompute it in the backward. ``attn_mask`` (a general 4-D bool mask) runs the
+reference. The CUDA forward takes none of the three.
+
 Masks. ``causal`` aligns the query block to the END of the keys (decoding with a cache): query i sees
 keys j ≤ i + Tk − Tq. ``key_padding_mask`` (B, Tk) bool, True = keep. A query row that sees no key at
 all (fully masked, e.g. all keys padded, or causal with Tq > Tk) is defined as: LSE = −inf, O = 0,
