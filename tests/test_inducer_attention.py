@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import pytest
 import test_fused_adapter as fa
 import torch
+from _inducer_kernels import nan_poison
 
 import kadapt
 from kadapt import backends
@@ -38,17 +39,7 @@ def _auto_backend():
 @pytest.fixture
 def poisoned(monkeypatch):
     """NaN-fill every buffer the Triton host functions allocate; records the shapes."""
-    calls: list[tuple] = []
-    if not backends.triton_importable():
-        return calls
-    kernels = importlib.import_module("kadapt.ops.triton.inducer_attention")
-
-    def nan_empty(shape, *, device, dtype):
-        calls.append(tuple(shape))
-        return torch.full(shape, float("nan"), device=device, dtype=dtype)
-
-    monkeypatch.setattr(kernels, "_empty", nan_empty)
-    return calls
+    return nan_poison(monkeypatch)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -586,7 +577,7 @@ def test_attn_bias_runs_fused_unless_it_needs_a_gradient(monkeypatch, poisoned):
     grad goes to the reference under auto, and a forced Triton refuses it."""
     fa.skip_unless_runnable("triton", torch.float32)
     ts, kpm = _small(device="cuda" if torch.cuda.is_available() else "cpu")
-    B, H, Tq, Tk = ts[0].shape[0], ts[0].shape[1], ts[0].shape[2], ts[1].shape[2]
+    H, Tq, Tk = ts[0].shape[1], ts[0].shape[2], ts[1].shape[2]
     bias = torch.randn(1, H, Tq, Tk, device=ts[0].device)
     kadapt.set_backend("triton")
     try:

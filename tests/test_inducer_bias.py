@@ -30,56 +30,10 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from _inducer_kernels import DEVICE, GPU, NEG_INF, K, assert_close, poisoned, set_tiles, visible  # noqa: F401
+from _inducer_kernels import (DEVICE, GPU, NEG_INF, K, assert_close, poisoned, reference_grads,  # noqa: F401
+                              require_kernels, set_tiles, visible)
 
-
-# ---------------------------------------------------------------------------------------------
-# float64 reference: the explicit formula, bias on the real logits only
-
-
-def reference(q, k, v, mlp, kpm, scale, causal, bias, z):
-    """float64 (O, LSE, w, s0); ``bias`` broadcasts to (B, H, Tq, Tk) (−inf entries hide the key), ``z``
-    multiplies the probabilities in O only (None: no dropout)."""
-    B, H, Tq, _ = q.shape
-    Tk = k.shape[2]
-    s = scale * q @ k.transpose(-1, -2)
-    vis = visible(B, Tq, Tk, causal, kpm)
-    if bias is not None:
-        vis = vis & (bias != NEG_INF)
-        s = s + torch.where(bias == NEG_INF, torch.zeros((), dtype=bias.dtype), bias)
-    vis = vis.expand(B, H, Tq, Tk)
-    any_key = vis.any(-1)
-    s = torch.where(vis, s, NEG_INF)
-    s = torch.where(any_key[..., None], s, torch.zeros((), dtype=s.dtype))
-    lse_safe = torch.logsumexp(s, -1)
-    p = torch.exp(s - lse_safe[..., None]) * vis
-    if z is not None:
-        p = p * z
-    o = p @ v
-    if mlp is None:
-        phi = torch.zeros_like(q)
-    else:
-        A, a, Bm, b = mlp
-        h = torch.tanh(torch.einsum("bhtd,hdm->bhtm", q, A) + a[:, None, :])
-        phi = torch.einsum("bhtm,hmd->bhtd", h, Bm) + b[:, None, :]
-    s0 = scale * (q * (q + phi)).sum(-1)
-    w = torch.where(any_key, torch.sigmoid(s0 - lse_safe), torch.ones((), dtype=s0.dtype))
-    lse = torch.where(any_key, lse_safe, torch.full((), NEG_INF, dtype=s.dtype))
-    return o, lse, w, s0
-
-
-def reference_grads(q, k, v, mlp, kpm, scale, causal, bias, ups, z=None):
-    """float64 (O, LSE, w) and (dq, dk, dv, ∂L/∂s0) of L = ⟨dO, O⟩ + ⟨dLSE, LSE⟩ + ⟨dw, w⟩ (finite LSE)."""
-    leaves = [t.detach().cpu().double().requires_grad_() for t in (q, k, v)]
-    mlp64 = None if mlp is None else [t.detach().cpu().double() for t in mlp]
-    bias64 = None if bias is None else bias.detach().cpu().double()
-    z64 = None if z is None else z.detach().cpu().double()
-    o, lse, w, s0 = reference(*leaves, mlp64, None if kpm is None else kpm.cpu(), scale, causal, bias64, z64)
-    do, dlse, dw = (t.detach().cpu().double() for t in ups)
-    loss = (o * do).sum() + (torch.where(torch.isfinite(lse), lse, 0) * dlse).sum() + (w * dw).sum()
-    grads = torch.autograd.grad(loss, [*leaves, s0])
-    return (o.detach(), lse.detach(), w.detach()), grads
-
+require_kernels()
 
 
 def run_fused(q, k, v, mlp, kpm, ups, scale, causal, **kw):
