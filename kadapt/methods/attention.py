@@ -33,13 +33,17 @@ def materialize(mask, batch: int, q_len: int, k_len: int, device) -> torch.Tenso
     return _keep_mask(batch, q_len, k_len, mask.causal and q_len > 1, mask.key_padding, device)
 
 
-def prepend_keys(mask, batch: int, q_len: int, n: int, k_len: int, device):
-    """The mask after ``n`` always-visible keys are put in front of the ``k_len`` real ones."""
+def _check_bool(mask: torch.Tensor) -> torch.Tensor:
+    if mask.dtype != torch.bool:
+        raise ValueError(f"attention mask: expected a bool keep-mask, got {mask.dtype}")
+    return mask
+
+
+def prepend_keys(mask, batch: int, n: int):
+    """The mask after ``n`` always-visible keys are put in front of the real ones."""
     if isinstance(mask, torch.Tensor):
-        if mask.dtype != torch.bool:
-            raise ValueError(f"attention mask: expected a bool keep-mask, got {mask.dtype}")
         ones = torch.ones((*mask.shape[:-1], n), dtype=torch.bool, device=mask.device)
-        return torch.cat([ones.expand(*mask.shape[:-1], n), mask], dim=-1)
+        return torch.cat([ones, _check_bool(mask)], dim=-1)
     if mask is None:
         return None
     pad = mask.key_padding
@@ -67,12 +71,10 @@ def call_base(base: Callable, module: torch.nn.Module, query, key, value, mask, 
     return base(module, query, key, value, keep, scaling=scaling, dropout=dropout, is_causal=False, **kwargs)
 
 
-def unpack(mask, batch: int, q_len: int, k_len: int):
+def unpack(mask):
     """(causal, key_padding_mask (B, Tk) or None, attn_mask 4-D bool or None) for kadapt's ops."""
     if mask is None:
         return False, None, None
     if isinstance(mask, torch.Tensor):
-        if mask.dtype != torch.bool:
-            raise ValueError(f"attention mask: expected a bool keep-mask, got {mask.dtype}")
-        return False, None, mask
+        return False, None, _check_bool(mask)
     return bool(mask.causal), mask.key_padding, None

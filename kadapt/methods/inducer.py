@@ -67,11 +67,10 @@ class InducerAttention(nn.Module):
             out, _ = call_base(base, module, query, key, value, mask, scaling, dropout, **kwargs)
             w = torch.ones(query.shape[:-1], dtype=torch.float32, device=query.device)
             return self._value_term(out.transpose(1, 2), query, w, self._w_dropout(dropout)).transpose(1, 2), None
-        B, H, Tq, d = query.shape
-        causal, kpm, attn_mask = unpack(mask, B, Tq, key.shape[2])
+        d = query.shape[-1]
+        causal, kpm, attn_mask = unpack(mask)  # causal is end-aligned: exact with a KV cache (Tq < Tk)
         bias = kwargs.get("position_bias")
         mlp = tuple(None if t is None else t.to(query.dtype) for t in self.key_mlp())
-        causal = causal and Tq > 1
         common = dict(scale=scaling, causal=causal, attn_mask=attn_mask, attn_bias=bias)
         if self.ablation == "value_gating":
             # [v | g(k)] as one value of width d + m (METHODS.md §8.12): q and k get m zero columns, which leave

@@ -77,12 +77,11 @@ class PrefixAttention(nn.Module):
     def extend(self, query, key, value, mask, kwargs: dict):
         """(key, value, mask, kwargs) with the prefix in front: [K_P; K], [V_P; V], P always-visible columns,
         zero T5 relative bias on them."""
-        B, _, Tq, _ = query.shape
-        Tk, P = key.shape[2], self.prefix_length
+        B, P = query.shape[0], self.prefix_length
         kp, vp = self.prefix()
         key = torch.cat([kp.to(key.dtype).expand(B, -1, -1, -1), key], dim=2)
         value = torch.cat([vp.to(value.dtype).expand(B, -1, -1, -1), value], dim=2)
-        mask = prepend_keys(mask, B, Tq, P, Tk, query.device)
+        mask = prepend_keys(mask, B, P)
         bias = kwargs.get("position_bias")
         if bias is not None:
             kwargs = {**kwargs, "position_bias": torch.cat([bias.new_zeros((*bias.shape[:-1], P)), bias], dim=-1)}
