@@ -53,6 +53,8 @@
 #include <tuple>
 #include <type_traits>
 
+#include "device_common.cuh"
+
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
 #error "kadapt's fused adapter kernels need sm_80 or newer (bf16 WMMA, cp.async): set TORCH_CUDA_ARCH_LIST"
 #endif
@@ -72,22 +74,7 @@ constexpr int kWarps = kThreads / 32;
 enum Activation : int { kGeluTanh = 0, kGelu = 1, kRelu = 2, kSwish = 3 };
 
 // ---------------------------------------------------------------------------------------------
-// scalar helpers
-
-__device__ __forceinline__ float to_f(float v) { return v; }
-__device__ __forceinline__ float to_f(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T>
-__device__ __forceinline__ T from_f(float v);
-template <>
-__device__ __forceinline__ float from_f<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ __half from_f<__half>(float v) { return __float2half_rn(v); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
-}
+// activations (to_f / from_f, cp.async and load_tile: device_common.cuh)
 
 __device__ __forceinline__ float act_fwd(float z, int act) {
   switch (act) {
@@ -121,58 +108,6 @@ __device__ __forceinline__ float act_grad(float z, int act) {
     default: {  // swish: σ(z)(1 + z(1 − σ(z)))
       const float s = 1.0f / (1.0f + expf(-z));
       return s * (1.0f + z * (1.0f - s));
-    }
-  }
-}
-
-// ---------------------------------------------------------------------------------------------
-// cp.async (sm_80+)
-
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, int src_bytes) {
-  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem),
-               "r"(src_bytes)
-               : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() {
-  asm volatile("cp.async.commit_group;\n" ::: "memory");
-}
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-}
-
-// Copies the ROWS×COLS tile whose element (0, 0) is g (row stride ld elements) into shared
-// memory s (row stride PITCH elements). Elements at rows >= rows_valid or columns >= cols_valid
-// are zero-filled; g is dereferenced only for valid elements. vec: 16-byte cp.async (requires
-// ld and the address of g to be multiples of 16 bytes, COLS a multiple of 16 bytes); otherwise
-// synchronous element loads.
-template <typename T, int ROWS, int COLS, int PITCH>
-__device__ __forceinline__ void load_tile(T* __restrict__ s, const T* __restrict__ g, int64_t ld,
-                                          int rows_valid, int cols_valid, bool vec) {
-  constexpr int V = 16 / static_cast<int>(sizeof(T));
-  static_assert(COLS % V == 0 && (PITCH * sizeof(T)) % 16 == 0, "tile layout");
-  if (vec) {
-    constexpr int CPR = COLS / V;
-    for (int i = threadIdx.x; i < ROWS * CPR; i += kThreads) {
-      const int r = i / CPR;
-      const int c = (i - r * CPR) * V;
-      T* dst = s + r * PITCH + c;
-      int n = cols_valid - c;
-      n = r < rows_valid ? (n < 0 ? 0 : (n > V ? V : n)) : 0;
-      if (n > 0) {
-        cp_async16(dst, g + static_cast<int64_t>(r) * ld + c, n * static_cast<int>(sizeof(T)));
-      } else {
-        *reinterpret_cast<uint4*>(dst) = make_uint4(0u, 0u, 0u, 0u);
-      }
-    }
-  } else {
-    const T zero = from_f<T>(0.0f);
-    for (int i = threadIdx.x; i < ROWS * COLS; i += kThreads) {
-      const int r = i / COLS;
-      const int c = i - r * COLS;
-      s[r * PITCH + c] =
-          (r < rows_valid && c < cols_valid) ? g[static_cast<int64_t>(r) * ld + c] : zero;
     }
   }
 }
@@ -351,8 +286,8 @@ fused_adapter_fwd_kernel(const T* __restrict__ x, const T* __restrict__ res,
     if (k < nk) {
       const int64_t d0 = static_cast<int64_t>(k) * KC;
       const int dv = static_cast<int>(D - d0 < KC ? D - d0 : KC);
-      load_tile<T, TM, KC, XP>(st1_x(k % S1), x + t0 * D + d0, D, ntok, dv, vec_x);
-      load_tile<T, KC, MP, MPP>(st1_w(k % S1), wd + d0 * m, m, dv, m, vec_w);
+      load_tile<kThreads, T, TM, KC, XP>(st1_x(k % S1), x + t0 * D + d0, D, ntok, dv, vec_x);
+      load_tile<kThreads, T, KC, MP, MPP>(st1_w(k % S1), wd + d0 * m, m, dv, m, vec_w);
     }
     cp_async_commit();
   };
@@ -391,10 +326,12 @@ fused_adapter_fwd_kernel(const T* __restrict__ x, const T* __restrict__ res,
       const int64_t d0 = static_cast<int64_t>(c) * KC;
       const int dv = static_cast<int>(D - d0 < KC ? D - d0 : KC);
       const int s = c % S2;
-      load_tile<T, MP, KC, XP>(st2_w(s), wu + d0, D, m, dv, vec_x);
-      load_tile<T, 1, KC, KC>(st2_b(s), bu + d0, 0, 1, dv, vec_b);
-      if (add_input) load_tile<T, TM, KC, XP>(st2_x(s), x + t0 * D + d0, D, ntok, dv, vec_x);
-      if (has_res) load_tile<T, TM, KC, XP>(st2_r(s), res + t0 * D + d0, D, ntok, dv, vec_x);
+      load_tile<kThreads, T, MP, KC, XP>(st2_w(s), wu + d0, D, m, dv, vec_x);
+      load_tile<kThreads, T, 1, KC, KC>(st2_b(s), bu + d0, 0, 1, dv, vec_b);
+      if (add_input)
+        load_tile<kThreads, T, TM, KC, XP>(st2_x(s), x + t0 * D + d0, D, ntok, dv, vec_x);
+      if (has_res)
+        load_tile<kThreads, T, TM, KC, XP>(st2_r(s), res + t0 * D + d0, D, ntok, dv, vec_x);
     }
     cp_async_commit();
   };
@@ -534,13 +471,13 @@ fused_adapter_bwd_kernel(const T* __restrict__ dy, const float* __restrict__ z,
 
   // ---- phase 1: g_h = dy·W_uᵀ, and column sums of dy --------------------------------------
   // z tile joins the first commit group.
-  load_tile<float, TM, MP, ZP>(zbuf, z + t0 * m, m, ntok, m, vec_z);
+  load_tile<kThreads, float, TM, MP, ZP>(zbuf, z + t0 * m, m, ntok, m, vec_z);
   auto load1 = [&](int k) {
     if (k < nk) {
       const int64_t d0 = static_cast<int64_t>(k) * KC;
       const int dv = static_cast<int>(D - d0 < KC ? D - d0 : KC);
-      load_tile<T, TM, KC, XP>(st1_x(k % S1), dy + t0 * D + d0, D, ntok, dv, vec_x);
-      load_tile<T, MP, KC, XP>(st1_w(k % S1), wu + d0, D, m, dv, vec_x);
+      load_tile<kThreads, T, TM, KC, XP>(st1_x(k % S1), dy + t0 * D + d0, D, ntok, dv, vec_x);
+      load_tile<kThreads, T, MP, KC, XP>(st1_w(k % S1), wu + d0, D, m, dv, vec_x);
     }
     cp_async_commit();
   };
@@ -588,8 +525,9 @@ fused_adapter_bwd_kernel(const T* __restrict__ dy, const float* __restrict__ z,
       const int64_t d0 = static_cast<int64_t>(c) * KC;
       const int dv = static_cast<int>(D - d0 < KC ? D - d0 : KC);
       const int s = c % S2;
-      load_tile<T, KC, MP, MPP>(st2_w(s), wd + d0 * m, m, dv, m, vec_w);
-      if (add_input) load_tile<T, TM, KC, XP>(st2_x(s), dy + t0 * D + d0, D, ntok, dv, vec_x);
+      load_tile<kThreads, T, KC, MP, MPP>(st2_w(s), wd + d0 * m, m, dv, m, vec_w);
+      if (add_input)
+        load_tile<kThreads, T, TM, KC, XP>(st2_x(s), dy + t0 * D + d0, D, ntok, dv, vec_x);
     }
     cp_async_commit();
   };

@@ -56,6 +56,8 @@
 #include <optional>
 #include <tuple>
 
+#include "device_common.cuh"
+
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
 #error "kadapt's inducer attention kernels need sm_80 or newer (bf16 mma.sync, cp.async): set TORCH_CUDA_ARCH_LIST"
 #endif
@@ -74,20 +76,7 @@ constexpr float kLn2 = 0.6931471805599453f;
 constexpr unsigned kFull = 0xffffffffu;
 
 // ---------------------------------------------------------------------------------------------
-// scalar helpers
-
-__device__ __forceinline__ float to_f(float v) { return v; }
-__device__ __forceinline__ float to_f(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T>
-__device__ __forceinline__ T from_f(float v);
-template <>
-__device__ __forceinline__ __half from_f<__half>(float v) { return __float2half_rn(v); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
-}
+// scalar helpers (to_f / from_f, cp.async and load_tile: device_common.cuh)
 
 // Two floats as one 32-bit register of two 16-bit values (lo in the low half).
 template <typename T>
@@ -110,21 +99,7 @@ __device__ __forceinline__ float warp_sum(float v) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// cp.async, ldmatrix, mma.sync (sm_80+)
-
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, int src_bytes) {
-  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem),
-               "r"(src_bytes)
-               : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() {
-  asm volatile("cp.async.commit_group;\n" ::: "memory");
-}
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-}
+// ldmatrix, mma.sync (sm_80+)
 
 // Four 8×8 b16 matrices; lanes 8j..8j+7 give the row addresses of matrix j. Without .trans lane
 // l receives row l/4, elements 2(l%4), 2(l%4)+1 of each matrix; with .trans the transposed ones
@@ -192,38 +167,6 @@ struct Params {
   bool vec;  // 16-byte copies allowed (d % 8 == 0 and q, k, v, o 16-byte aligned); fp16/bf16 only
 };
 
-// Copies the ROWS×COLS tile whose element (0, 0) is g (row stride ld elements) into shared memory
-// s (row stride PITCH). Rows >= rows_valid and columns >= cols_valid are zero-filled; g is
-// dereferenced only for valid elements. vec: 16-byte cp.async (the caller commits and waits).
-template <typename T, int ROWS, int COLS, int PITCH>
-__device__ __forceinline__ void load_tile(T* __restrict__ s, const T* __restrict__ g, int64_t ld,
-                                          int rows_valid, int cols_valid, bool vec) {
-  constexpr int V = 16 / static_cast<int>(sizeof(T));
-  static_assert(COLS % V == 0 && (PITCH * sizeof(T)) % 16 == 0, "tile layout");
-  if (vec) {
-    constexpr int CPR = COLS / V;
-    for (int i = threadIdx.x; i < ROWS * CPR; i += kThreads) {
-      const int r = i / CPR;
-      const int c = (i - r * CPR) * V;
-      T* dst = s + r * PITCH + c;
-      int n = cols_valid - c;
-      n = r < rows_valid ? (n < 0 ? 0 : (n > V ? V : n)) : 0;
-      if (n > 0) {
-        cp_async16(dst, g + static_cast<int64_t>(r) * ld + c, n * static_cast<int>(sizeof(T)));
-      } else {
-        *reinterpret_cast<uint4*>(dst) = make_uint4(0u, 0u, 0u, 0u);
-      }
-    }
-  } else {
-    const T zero = from_f<T>(0.0f);
-    for (int i = threadIdx.x; i < ROWS * COLS; i += kThreads) {
-      const int r = i / COLS;
-      const int c = i - r * COLS;
-      s[r * PITCH + c] =
-          (r < rows_valid && c < cols_valid) ? g[static_cast<int64_t>(r) * ld + c] : zero;
-    }
-  }
-}
 
 // The inducer logits s0 = c(‖q‖² + q·b + Σ_j tanh(q·A[:, j] + a_j)·(B[j, :]·q)) of the RPW query
 // rows of this warp (rows in shared memory at qs, pitch P, zero past Tq), written to s0[0..RPW).
@@ -354,11 +297,11 @@ __global__ void __launch_bounds__(kThreads)
     const T* vg = p.v + bh * Tk * d;
     const int8_t* kpm_row = p.kpm != nullptr ? p.kpm + b * Tk : nullptr;
 
-    load_tile<T, BM, D, PITCH>(Qs, p.q + (bh * Tq + q0) * d, d, Tq - q0, d, p.vec);
+    load_tile<kThreads, T, BM, D, PITCH>(Qs, p.q + (bh * Tq + q0) * d, d, Tq - q0, d, p.vec);
     cp_async_commit();
     if (n_tiles > 0) {
-      load_tile<T, BN, D, PITCH>(Kbuf, kg, d, Tk, d, p.vec);
-      load_tile<T, BN, D, PITCH>(Vbuf, vg, d, Tk, d, p.vec);
+      load_tile<kThreads, T, BN, D, PITCH>(Kbuf, kg, d, Tk, d, p.vec);
+      load_tile<kThreads, T, BN, D, PITCH>(Vbuf, vg, d, Tk, d, p.vec);
     }
     cp_async_commit();
     cp_async_wait<1>();
@@ -383,10 +326,10 @@ __global__ void __launch_bounds__(kThreads)
       if (t + 1 < n_tiles) {
         const int nn = (t + 1) * BN;
         const int nb = (t + 1) & 1;
-        load_tile<T, BN, D, PITCH>(Kbuf + nb * BN * PITCH, kg + static_cast<int64_t>(nn) * d, d,
-                                   Tk - nn, d, p.vec);
-        load_tile<T, BN, D, PITCH>(Vbuf + nb * BN * PITCH, vg + static_cast<int64_t>(nn) * d, d,
-                                   Tk - nn, d, p.vec);
+        load_tile<kThreads, T, BN, D, PITCH>(Kbuf + nb * BN * PITCH,
+                                             kg + static_cast<int64_t>(nn) * d, d, Tk - nn, d, p.vec);
+        load_tile<kThreads, T, BN, D, PITCH>(Vbuf + nb * BN * PITCH,
+                                             vg + static_cast<int64_t>(nn) * d, d, Tk - nn, d, p.vec);
         cp_async_commit();
         cp_async_wait<1>();
       } else {
