@@ -295,6 +295,25 @@ class Timer:
 # ---------------------------------------------------------------------------------------------
 # one config
 
+def run_meta(device: torch.device, dtype_name: str) -> dict:
+    """What a results row records about the run: device name, dtype, torch and triton versions, date."""
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "-"
+    dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    return {"device": dev_name, "dtype": dtype_name, "torch": torch.__version__, "triton": triton_version,
+            "date": str(date.today())}
+
+
+def l2_bytes(device: torch.device) -> int:
+    """The device's L2 size (0 on the CPU): input buffers are rotated over more than twice this."""
+    if device.type != "cuda":
+        return 0
+    return getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 * 2**20)
+
+
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     """max|out − ref| / max|ref| (the check on y)."""
     scale = ref.abs().max().item()
@@ -611,15 +630,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         p.error("--device cuda but torch sees no CUDA device")
 
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
-    try:
-        import triton
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = "-"
-    dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
-    meta = {"device": dev_name, "dtype": args.dtype, "torch": torch.__version__, "triton": triton_version,
-            "date": str(date.today())}
-    print(f"# {date.today()} {platform.node()} {dev_name}; torch {torch.__version__}, triton {triton_version}; "
+    meta = run_meta(device, args.dtype)
+    dev_name = meta["device"]
+    print(f"# {date.today()} {platform.node()} {dev_name}; torch {torch.__version__}, triton {meta['triton']}; "
           f"{args.dtype}; bandwidth for the floors {args.bandwidth / 1e12:.3g} TB/s ({args.bandwidth:.4g} B/s)",
           flush=True)
     for provider in args.providers:
@@ -630,8 +643,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         print("note: peer runs for phm and compacter only (for dense and lowrank it is the reference)", flush=True)
 
     timer = Timer(device, args.reps, args.warmup)
-    l2 = (getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 * 2**20)
-          if device.type == "cuda" else 0)
+    l2 = l2_bytes(device)
     elem = torch.finfo(dtype).bits // 8
     # The target shape first, so a run cut short still has the targets.
     shapes = sorted(dict.fromkeys(args.shapes), key=lambda s: s != TARGET[:2])

@@ -97,7 +97,7 @@ import torch.nn.functional as F
 if str(Path(__file__).resolve().parent) not in sys.path:  # also importable from elsewhere (tests)
     sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from adapter import DTYPES, Timer, norm_err, rel_err
+from adapter import DTYPES, Timer, l2_bytes, norm_err, rel_err, run_meta
 
 import kadapt
 from kadapt import backends
@@ -750,15 +750,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
 
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
-    try:
-        import triton
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = "-"
-    dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
-    meta = {"device": dev_name, "dtype": args.dtype, "torch": torch.__version__, "triton": triton_version,
-            "date": str(date.today())}
-    print(f"# {date.today()} {platform.node()} {dev_name}; torch {torch.__version__}, triton {triton_version}; "
+    meta = run_meta(device, args.dtype)
+    dev_name = meta["device"]
+    print(f"# {date.today()} {platform.node()} {dev_name}; torch {torch.__version__}, triton {meta['triton']}; "
           f"{args.dtype}; B={args.B}, H={args.H}, m_k={args.mk}, causal, scale 1/√d, prefix P={PREFIX_LEN}",
           flush=True)
     for provider in args.providers:
@@ -767,8 +761,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             print(f"note: provider {provider} skipped: {reason}", flush=True)
 
     timer = Timer(device, args.reps, args.warmup)
-    l2 = (getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 * 2**20)
-          if device.type == "cuda" else 0)
+    l2 = l2_bytes(device)
     configs = [(d, L) for d in args.d for L in sorted(dict.fromkeys(args.L))]
     args.out.mkdir(parents=True, exist_ok=True)
     stem = f"inducer_attention_{args.dtype}_{args.device}"
