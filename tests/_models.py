@@ -98,6 +98,56 @@ def perturb_trainables(model: torch.nn.Module, seed: int = 3, std: float = 0.05)
                 p.add_(std * torch.randn(p.shape, generator=g).to(p.dtype))
 
 
+def check_unpatch_restores(family: str, config: kadapt.KadaptConfig) -> None:
+    """patch, perturb, unpatch: bit-identical outputs, state-dict keys and requires_grad flags, no hooks."""
+    model = tiny(family)
+    base = output(model, family)
+    keys = list(model.state_dict())
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    kadapt.patch(model, config)
+    perturb_trainables(model)
+    assert not torch.equal(output(model, family), base)
+    kadapt.unpatch(model)
+    assert not kadapt.patching.is_patched(model)
+    assert torch.equal(output(model, family), base)
+    assert list(model.state_dict()) == keys
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+
+
+def check_save_load(tmp_path, family: str, config: kadapt.KadaptConfig) -> None:
+    """A perturbed adapter saved and loaded into a fresh copy of the base model gives bit-identical outputs,
+    and the loaded record has an equal config (tuples survive the JSON round trip)."""
+    model = tiny(family)
+    model.save_pretrained(tmp_path / "base")
+    kadapt.patch(model, config)
+    perturb_trainables(model)
+    expected = output(model, family)
+    kadapt.save_adapter(model, tmp_path / "adapter")
+    fresh = type(model).from_pretrained(tmp_path / "base").eval()
+    kadapt.load_adapter(fresh, tmp_path / "adapter")
+    assert torch.equal(output(fresh, family), expected)
+    assert kadapt.patching.get_record(fresh).config == config
+
+
+def check_merge(model: torch.nn.Module, family: str) -> None:
+    """kadapt.merge of a patched eval-mode model: the same outputs (atol 1e-5), no kadapt module or hook
+    left, trained task heads kept, the original requires_grad flags (all trainable) back."""
+    kw = inputs(family)
+    with torch.no_grad():
+        unmerged = output(model, family, **kw)
+    head = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad and "kadapt" not in n}
+    assert kadapt.merge(model) is model
+    assert not kadapt.patching.is_patched(model)
+    assert not any("kadapt" in n for n, _ in model.named_modules())
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(output(model, family, **kw), unmerged, rtol=0, atol=1e-5)
+    params = dict(model.named_parameters())
+    assert all(torch.equal(params[n], v) for n, v in head.items())  # trained task heads are kept
+    assert all(p.requires_grad for p in model.parameters())  # the original flags (all trainable)
+
+
 def lm_losses(model: torch.nn.Module, steps: int = 20, lr: float = 1e-2) -> list[float]:
     """Train a GPT-2 LM head model's trainable parameters with Adam on one tiny batch; the losses."""
     model.train()

@@ -15,7 +15,7 @@ import torch
 from transformers import DynamicCache
 
 import kadapt
-from _models import inputs, output, tiny
+from _models import inputs, output, perturb_trainables, tiny
 from kadapt.methods.attention import KadaptMask
 from kadapt.methods.inducer import InducerAttention
 
@@ -48,13 +48,9 @@ def _no_dropout(model):
     return model
 
 
-def _bump(model, seed=3):
+def _bump(model):
     """Move every trainable tensor off its init (zero-initialised LoRA B / parallel W_u included)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(0.1 * torch.randn(p.shape, generator=g).to(p.dtype))
+    perturb_trainables(model, std=0.1)
 
 
 # ----------------------------------------------------------------------------------------------------------

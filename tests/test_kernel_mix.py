@@ -8,9 +8,9 @@ import torch
 
 import kadapt
 from kadapt.methods.kernel_mix import KernelMix
-from kadapt.patching import get_record, is_patched
-from _models import (FAMILIES, gpt2_small_meta, inputs, lm_losses, output, perturb_trainables as _perturb,
-                     roberta_base_meta, t5_base_meta, tiny)
+from kadapt.patching import is_patched
+from _models import (FAMILIES, check_merge, check_save_load, check_unpatch_restores, gpt2_small_meta, inputs, lm_losses,
+                     output, perturb_trainables as _perturb, roberta_base_meta, t5_base_meta, tiny)
 
 PARTS = {  # parameter names of each §6 part
     "q_head": ("q_a", "q_b", "q_bias"), "q_shared": ("qs_a", "qs_b"),
@@ -260,19 +260,7 @@ def test_kv_cache_decoding_matches_the_full_forward(family):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_unpatch_restores_bit_exactly(family):
-    model = tiny(family)
-    base = output(model, family)
-    keys = list(model.state_dict())
-    flags = {n: p.requires_grad for n, p in model.named_parameters()}
-    kadapt.patch(model, kadapt.KernelMixConfig(r_q=2, r_qs=2, r_v=2, r_vs=2, cross_attention=True))
-    _perturb(model)
-    assert not torch.equal(output(model, family), base)
-    kadapt.unpatch(model)
-    assert not is_patched(model)
-    assert torch.equal(output(model, family), base)
-    assert list(model.state_dict()) == keys
-    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
-    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+    check_unpatch_restores(family, kadapt.KernelMixConfig(r_q=2, r_qs=2, r_v=2, r_vs=2, cross_attention=True))
 
 
 # --------------------------------------------------------------------------------------------- merge
@@ -292,19 +280,7 @@ def test_merge_computes_the_same_function(family, name):
     config = kadapt.KernelMixConfig(dropout=0.1, **MERGE_CONFIGS[name])
     kadapt.patch(model, config)
     _perturb(model)
-    kw = inputs(family)
-    with torch.no_grad():
-        unmerged = output(model, family, **kw)
-    head = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad and "kadapt" not in n}
-    assert kadapt.merge(model) is model
-    assert not is_patched(model)
-    assert not any("kadapt" in n for n, _ in model.named_modules())
-    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
-    with torch.no_grad():
-        torch.testing.assert_close(output(model, family, **kw), unmerged, rtol=0, atol=1e-5)
-    params = dict(model.named_parameters())
-    assert all(torch.equal(params[n], v) for n, v in head.items())
-    assert all(p.requires_grad for p in model.parameters())
+    check_merge(model, family)
     if family == "t5":  # head-wise biases create q / v / o biases; k never gets one
         a = model.decoder.block[0].layer[0].SelfAttention
         assert a.k.bias is None
@@ -349,17 +325,8 @@ def test_merge_in_bf16_keeps_the_dtype():
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_save_load_round_trip(tmp_path, family):
-    model = tiny(family)
-    model.save_pretrained(tmp_path / "base")
     config = kadapt.KernelMixConfig(r_q=1, r_qs=2, r_v=3, r_vs=1, scale_head=0.5, init="lora", cross_attention=True)
-    kadapt.patch(model, config)
-    _perturb(model)
-    expected = output(model, family)
-    kadapt.save_adapter(model, tmp_path / "adapter")
-    fresh = type(model).from_pretrained(tmp_path / "base").eval()
-    kadapt.load_adapter(fresh, tmp_path / "adapter")
-    assert torch.equal(output(fresh, family), expected)
-    assert get_record(fresh).config == config
+    check_save_load(tmp_path, family, config)
 
 
 # ----------------------------------------------------------------------------------------- bad input

@@ -7,9 +7,9 @@ import torch
 
 import kadapt
 from kadapt.methods.lora import LoRA, LoRABranch
-from kadapt.patching import get_record, is_patched
-from _models import (FAMILIES, gpt2_small_meta, inputs, lm_losses, output, perturb_trainables as _perturb,
-                     roberta_base_meta, t5_base_meta, tiny)
+from kadapt.patching import is_patched
+from _models import (FAMILIES, check_merge, check_save_load, check_unpatch_restores, gpt2_small_meta, inputs, lm_losses,
+                     output, perturb_trainables as _perturb, roberta_base_meta, t5_base_meta, tiny)
 
 ALL_TARGETS = ("q", "k", "v", "o", "ffn_in", "ffn_out")
 
@@ -176,19 +176,7 @@ def test_short_training_loop_lowers_loss():
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_unpatch_restores_bit_exactly(family):
-    model = tiny(family)
-    base = output(model, family)
-    keys = list(model.state_dict())
-    flags = {n: p.requires_grad for n, p in model.named_parameters()}
-    kadapt.patch(model, kadapt.LoRAConfig(r=4, targets=ALL_TARGETS, lora_bias=True))
-    _perturb(model)
-    assert not torch.equal(output(model, family), base)
-    kadapt.unpatch(model)
-    assert not is_patched(model)
-    assert torch.equal(output(model, family), base)
-    assert list(model.state_dict()) == keys
-    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
-    assert all(not m._forward_hooks for m in model.modules())
+    check_unpatch_restores(family, kadapt.LoRAConfig(r=4, targets=ALL_TARGETS, lora_bias=True))
 
 
 # --------------------------------------------------------------------------------------------- merge
@@ -199,19 +187,7 @@ def test_merge_computes_the_same_function(family, lora_bias):
     model = tiny(family).float().eval()
     kadapt.patch(model, kadapt.LoRAConfig(r=4, alpha=16.0, dropout=0.1, targets=ALL_TARGETS, lora_bias=lora_bias))
     _perturb(model)
-    kw = inputs(family)
-    with torch.no_grad():
-        unmerged = output(model, family, **kw)
-    head = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad and "kadapt" not in n}
-    assert kadapt.merge(model) is model
-    assert not is_patched(model)
-    assert not any("kadapt" in n for n, _ in model.named_modules())
-    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
-    with torch.no_grad():
-        torch.testing.assert_close(output(model, family, **kw), unmerged, rtol=0, atol=1e-5)
-    params = dict(model.named_parameters())
-    assert all(torch.equal(params[n], v) for n, v in head.items())  # trained task heads are kept
-    assert all(p.requires_grad for p in model.parameters())  # the original flags (all trainable)
+    check_merge(model, family)
     with pytest.raises(ValueError, match=r"model is not patched by kadapt \(nothing to unpatch\)"):
         kadapt.unpatch(model)
     with pytest.raises(ValueError, match=r"model is not patched by kadapt \(nothing to merge\)"):
@@ -260,17 +236,8 @@ def test_merge_refuses_non_linear_methods(config):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_save_load_round_trip(tmp_path, family):
-    model = tiny(family)
-    model.save_pretrained(tmp_path / "base")
     config = kadapt.LoRAConfig(r=4, alpha=16.0, targets=("q", "k", "o", "ffn_in"), lora_bias=True, init="houlsby")
-    kadapt.patch(model, config)
-    _perturb(model)
-    expected = output(model, family)
-    kadapt.save_adapter(model, tmp_path / "adapter")
-    fresh = type(model).from_pretrained(tmp_path / "base").eval()
-    kadapt.load_adapter(fresh, tmp_path / "adapter")
-    assert torch.equal(output(fresh, family), expected)
-    assert get_record(fresh).config == config  # targets come back as a tuple from the JSON list
+    check_save_load(tmp_path, family, config)
 
 
 # ----------------------------------------------------------------------------------------- bad input

@@ -5,8 +5,8 @@ import torch
 
 import kadapt
 from kadapt.methods.parallel import ParallelAdapter
-from kadapt.patching import get_record, is_patched
-from _models import (FAMILIES, gpt2_small_meta, inputs, lm_losses, output, perturb_trainables as _perturb,
+from kadapt.patching import is_patched
+from _models import (FAMILIES, check_save_load, check_unpatch_restores, gpt2_small_meta, inputs, lm_losses, output,
                      roberta_base_meta, t5_base_meta, tiny)
 
 
@@ -187,34 +187,13 @@ def test_short_training_loop_lowers_loss():
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_unpatch_restores_bit_exactly(family):
-    model = tiny(family)
-    base = output(model, family)
-    keys = list(model.state_dict())
-    flags = {n: p.requires_grad for n, p in model.named_parameters()}
-    kadapt.patch(model, kadapt.ParallelAdapterConfig(bottleneck_dim=8, placement="both", ln_pre=True))
-    _perturb(model)
-    assert not torch.equal(output(model, family), base)
-    kadapt.unpatch(model)
-    assert not is_patched(model)
-    assert torch.equal(output(model, family), base)
-    assert list(model.state_dict()) == keys
-    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
-    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+    check_unpatch_restores(family, kadapt.ParallelAdapterConfig(bottleneck_dim=8, placement="both", ln_pre=True))
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_save_load_round_trip(tmp_path, family):
-    model = tiny(family)
-    model.save_pretrained(tmp_path / "base")
     config = kadapt.ParallelAdapterConfig(bottleneck_dim=8, placement="both", ln_pre=True, learnable_scale=True)
-    kadapt.patch(model, config)
-    _perturb(model)
-    expected = output(model, family)
-    kadapt.save_adapter(model, tmp_path / "adapter")
-    fresh = type(model).from_pretrained(tmp_path / "base").eval()
-    kadapt.load_adapter(fresh, tmp_path / "adapter")
-    assert torch.equal(output(fresh, family), expected)
-    assert get_record(fresh).config == config
+    check_save_load(tmp_path, family, config)
 
 
 # ----------------------------------------------------------------------------------------- bad input
