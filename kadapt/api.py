@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from kadapt.configs import KadaptConfig
+from kadapt.methods.base import KadaptConfig
 from kadapt.patching import added_parameters, get_backbone, get_record, patch, unpatch
 
 CONFIG_NAME = "adapter_config.json"
@@ -43,7 +43,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike) -> None:
     state = {k: v.detach().contiguous().cpu() for k, v in adapter_state(model).items()}
     meta = {
         "format_version": FORMAT_VERSION,
-        "config": record.config.to_dict(),
+        "config": _config_dict(record.config),
         "model_type": model.config.model_type,
         "family": record.family,
         "hidden_size": record.hidden_size,
@@ -51,6 +51,19 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike) -> None:
     }
     save_file(state, str(directory / WEIGHTS_NAME), metadata={"format": "pt", "kadapt": str(FORMAT_VERSION)})
     (directory / CONFIG_NAME).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+
+
+def _config_dict(config: KadaptConfig | list[KadaptConfig]) -> dict | list[dict]:
+    """A config's dict, or a list of them for a composite patch."""
+    return [c.to_dict() for c in config] if isinstance(config, list) else config.to_dict()
+
+
+def _config_from(data: dict | list) -> KadaptConfig | list[KadaptConfig]:
+    if isinstance(data, list):
+        if not data:
+            raise ValueError("an empty list of configs")
+        return [KadaptConfig.from_dict(d) for d in data]
+    return KadaptConfig.from_dict(data)
 
 
 def _read_meta(directory: Path) -> dict:
@@ -86,6 +99,10 @@ def _read_weights(directory: Path) -> dict[str, torch.Tensor]:
                          f"corrupt") from e
 
 
+def _methods(config: KadaptConfig | list[KadaptConfig]) -> str:
+    return " + ".join(c.method for c in config) if isinstance(config, list) else config.method
+
+
 def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     """Load an adapter saved by ``save_adapter``: patch ``model`` with the saved config if it is not
     patched yet, then copy the tensors in. Every check (method, model type, hidden size, names,
@@ -93,7 +110,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     directory = Path(directory)
     meta = _read_meta(directory)
     try:
-        config = KadaptConfig.from_dict(meta["config"])
+        config = _config_from(meta["config"])
     except (ValueError, TypeError) as e:
         raise ValueError(f"{directory / CONFIG_NAME}: the saved config is invalid: {e}") from e
     weights = _read_weights(directory)
@@ -115,7 +132,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
         if missing or unexpected:
             raise ValueError(f"adapter tensors do not match the patched model: missing {missing[:5]}"
                              f"{' ...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
-                             f"{' ...' if len(unexpected) > 5 else ''} (config {config.method!r})")
+                             f"{' ...' if len(unexpected) > 5 else ''} (config {_methods(config)!r})")
         for name, p in target.items():
             if tuple(weights[name].shape) != tuple(p.shape):
                 raise ValueError(f"adapter tensor {name!r} has shape {tuple(weights[name].shape)}; the patched "

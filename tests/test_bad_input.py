@@ -13,6 +13,7 @@ import pytest
 import torch
 from torch import nn
 from transformers import (BertConfig, BertModel, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM,
+                          OPTConfig, OPTForCausalLM,
                           PreTrainedModel, RobertaConfig, RobertaForSequenceClassification, T5Config,
                           T5ForConditionalGeneration)
 
@@ -20,7 +21,7 @@ import kadapt
 from kadapt.configs import KadaptConfig
 from kadapt.patching import get_record, is_patched
 
-SUPPORTED = "gpt2, roberta, bert, t5"
+SUPPORTED = "gpt2, roberta, bert, t5, llama, qwen2, mistral"
 FAMILIES = ("gpt2", "roberta", "bert", "t5")
 STACKS = {"gpt2": ["decoder"], "roberta": ["encoder"], "bert": ["encoder"], "t5": ["decoder", "encoder"]}
 CONFIG_FILE = "adapter_config.json"
@@ -52,6 +53,10 @@ def tiny(family: str, hidden: int = 64, seed: int = 0) -> nn.Module:
                           num_attention_heads=4, num_key_value_heads=4, vocab_size=100, max_position_embeddings=64,
                           bos_token_id=0, eos_token_id=0)
         model = LlamaForCausalLM(cfg)
+    elif family == "opt":  # a transformers family kadapt does not support
+        cfg = OPTConfig(hidden_size=hidden, ffn_dim=2 * hidden, num_hidden_layers=2, num_attention_heads=4,
+                        vocab_size=100, max_position_embeddings=64, word_embed_proj_dim=hidden)
+        model = OPTForCausalLM(cfg)
     else:
         raise KeyError(family)
     return model.eval()
@@ -179,14 +184,14 @@ def test_assert_unchanged_detects_changes(mutate):
 
 # ------------------------------------------------------------------------------------ unsupported model
 
-LLAMA_MSG = (r"model\.config\.model_type='llama' \(LlamaForCausalLM\) is not supported; "
+UNSUPPORTED_MSG = (r"model\.config\.model_type='opt' \(OPTForCausalLM\) is not supported; "
              rf"supported model types: {SUPPORTED}$")
 NOT_A_MODEL_MSG = (r"model: expected a Hugging Face transformers model \(nn\.Module with \.config\.model_type\), "
                    rf"got {{}}; supported model types: {SUPPORTED}$")
 
 
 def test_unsupported_hf_model():
-    patch_fails_unsupported(tiny("llama"), LLAMA_MSG)
+    patch_fails_unsupported(tiny("opt"), UNSUPPORTED_MSG)
 
 
 @pytest.mark.parametrize("make, name", [
@@ -221,11 +226,11 @@ def test_load_into_unsupported_model(tmp_path):
     src = tiny("gpt2")
     kadapt.patch(src, kadapt.AdapterConfig(bottleneck_dim=8))
     kadapt.save_adapter(src, tmp_path)
-    llama = tiny("llama")
-    snap = snapshot(llama)
-    with pytest.raises(ValueError, match=LLAMA_MSG):
-        kadapt.load_adapter(llama, tmp_path)
-    assert_unchanged(llama, snap)
+    other = tiny("opt")
+    snap = snapshot(other)
+    with pytest.raises(ValueError, match=UNSUPPORTED_MSG):
+        kadapt.load_adapter(other, tmp_path)
+    assert_unchanged(other, snap)
     lin = nn.Linear(4, 3)
     snap = snapshot(lin)
     with pytest.raises(ValueError, match=NOT_A_MODEL_MSG.format("Linear")):
@@ -321,7 +326,7 @@ def test_unknown_preset_lists_every_preset():
 @pytest.mark.parametrize("config", [None, "adapter", {"method": "adapter"}, kadapt.AdapterConfig, KadaptConfig()])
 def test_patch_with_non_config(config):
     model = tiny("gpt2")
-    match = (r"config: KadaptConfig is not supported" if isinstance(config, KadaptConfig)
+    match = (r"config: KadaptConfig is not a registered kadapt method; registered methods: " if isinstance(config, KadaptConfig)
              else r"config: expected a kadapt \*Config instance, got ")
     patch_fails(model, config, match)
 

@@ -79,10 +79,10 @@ def test_adds_the_formula_at_the_addition_site(family, placement):
     seen = {}
     target.register_forward_hook(lambda mod, a, out: seen.setdefault("out", out))  # runs after kadapt's hook
     x_src = {}
-    for n, mod in model.named_modules():  # the source module is the one whose pre-hook stashes into this adapter
-        for h in mod._forward_pre_hooks.values():
-            if getattr(h, "args", (None,))[0] is adapter:
-                mod.register_forward_pre_hook(lambda m, a: x_src.setdefault("x", a[0]))
+    sources = [mod for mod in model.modules()  # the module whose pre-hook hands x to this adapter
+               if any(getattr(h, "args", (None,))[0] is adapter for h in mod._forward_pre_hooks.values())]
+    for mod in sources or [target]:  # none: the target reads x itself (T5's DenseReluDense)
+        mod.register_forward_pre_hook(lambda m, a: x_src.setdefault("x", a[0]))
     removed = {}
 
     def capture_f(mod, args, out):  # the original output f, captured before kadapt's hook

@@ -1,31 +1,195 @@
-"""Bottleneck-adapter family (METHODS.md §2): Houlsby/Pfeiffer (dense), low-rank, PHM and Compacter.
+"""Bottleneck-adapter family (docs/methods.md; METHODS.md §2): Houlsby/Pfeiffer (dense), low-rank, PHM and
+Compacter, with AdapterDrop through ``layers`` / ``drop_first``.
 
 Every projection exposes ``factored()`` (its factors as a kadapt.ops.AdapterWeight), ``weight()``
 (the materialised in×out matrix, reference) and ``bias``; the adapter feeds the factors to
 ``kadapt.ops.fused_adapter``, which picks the backend and never materialises W on the Triton path.
+The family is described by data: one config class per member, one ``Method`` for all of them.
 """
 from __future__ import annotations
 
+import functools
 import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from kadapt.configs import AdapterConfig, BottleneckConfig, CompacterConfig, LowRankAdapterConfig, PHMAdapterConfig
+from kadapt.methods.base import (KadaptConfig, Method, check_bool, check_choice, check_int, check_positive,
+                                 is_integral, register)
+from kadapt.methods.common import glorot_sqrt2_, kaiming_sqrt5_
 from kadapt.ops import AdapterWeight, fused_adapter
+from kadapt.ops.activations import ACTIVATION_CODES
+
+if TYPE_CHECKING:
+    from kadapt.patching.base import Backbone, Site
+    from kadapt.patching.plan import Plan
+
+ACTIVATIONS = tuple(ACTIVATION_CODES)  # one list: the ops' activation table
+PLACEMENTS = ("attn", "ffn", "both")
+ADAPTER_ATTR = "kadapt_adapter"
+SHARED_RULE_ATTR = "kadapt_phm_rule"
 
 
-def glorot_sqrt2_(t: torch.Tensor) -> torch.Tensor:
-    """`glorot√2`: U(±√2·√(6/(fan_in + fan_out))) on each trailing 2-D slice."""
-    fan_in, fan_out = t.shape[-2], t.shape[-1]
-    bound = math.sqrt(2.0) * math.sqrt(6.0 / (fan_in + fan_out))
-    return nn.init.uniform_(t, -bound, bound)
+def bottleneck_size(bottleneck_dim: int | None, reduction_factor: float, hidden_size: int) -> int:
+    """m = bottleneck_dim, else int(D // rf) as upstream computes it; ValueError when m < 1."""
+    m = bottleneck_dim if bottleneck_dim is not None else int(hidden_size // reduction_factor)
+    if m < 1:
+        raise ValueError(
+            f"reduction_factor={reduction_factor!r} gives a bottleneck of {m} on hidden size "
+            f"{hidden_size}; allowed: 0 < reduction_factor <= {hidden_size}"
+        )
+    return m
 
 
-def kaiming_sqrt5_(t: torch.Tensor, fan_in: int) -> torch.Tensor:
-    """`kaiming√5` (torch's Linear default): U(±1/√fan_in), fan_in being the map's input width."""
-    bound = 1.0 / math.sqrt(fan_in)
-    return nn.init.uniform_(t, -bound, bound)
+@dataclass
+class BottleneckConfig(KadaptConfig):
+    """Fields shared by the bottleneck-adapter family (§2).
+
+    Attributes:
+        reduction_factor: m = int(D // reduction_factor); may be a float (the kernel-adapters presets
+            use 7.11 → m = 108 on D = 768).
+        bottleneck_dim: explicit m; overrides ``reduction_factor`` when set.
+        activation: φ, one of ``ACTIVATIONS`` (gelu_new is the tanh-approximate GELU).
+        placement: "attn" (sequential at ``attn_out``), "ffn" (at ``ffn_out``) or "both".
+        layers: AdapterDrop. Block ids that get adapters: a list applied to every stack, or a dict
+            from stack name ("encoder", "decoder") to a list. None = every block.
+        drop_first: AdapterDrop shorthand: no adapters in blocks 0..drop_first-1 of each stack.
+        ln_pre, ln_post: adapter-internal LayerNorms (off in every Compacter-paper config).
+        unfreeze_layer_norms: train the backbone's LayerNorms (on for the whole Compacter family).
+    """
+
+    reduction_factor: float = 32
+    bottleneck_dim: int | None = None
+    activation: str = "gelu_new"
+    placement: str = "both"
+    layers: list[int] | dict[str, list[int]] | None = None
+    drop_first: int = 0
+    ln_pre: bool = False
+    ln_post: bool = False
+    unfreeze_layer_norms: bool = True
+
+    def __post_init__(self) -> None:
+        check_positive("reduction_factor", self.reduction_factor, " (m = int(D // reduction_factor))")
+        if self.bottleneck_dim is not None:
+            check_int("bottleneck_dim", self.bottleneck_dim, 1)
+        check_choice("activation", self.activation, ACTIVATIONS)
+        check_choice("placement", self.placement, PLACEMENTS)
+        check_int("drop_first", self.drop_first, 0)
+        for name in ("ln_pre", "ln_post", "unfreeze_layer_norms"):
+            check_bool(name, getattr(self, name))
+        if self.layers is not None:
+            groups = self.layers.values() if isinstance(self.layers, dict) else [self.layers]
+            if isinstance(self.layers, (str, bytes)) or not isinstance(self.layers, (list, tuple, dict)):
+                raise ValueError(f"layers={self.layers!r} must be a list of block ids or a dict stack -> list")
+            for ids in groups:
+                if isinstance(ids, (str, bytes)) or not isinstance(ids, (list, tuple, range)):
+                    raise ValueError(f"layers={self.layers!r}: each entry must be a list of block ids")
+                for i in ids:
+                    if not is_integral(i) or i < 0:
+                        raise ValueError(f"layers contains {i!r}; block ids must be integers >= 0")
+            self.layers = ({k: list(v) for k, v in self.layers.items()} if isinstance(self.layers, dict)
+                           else list(self.layers))
+            if self.drop_first:
+                raise ValueError(f"set either layers or drop_first, not both (layers={self.layers!r}, "
+                             f"drop_first={self.drop_first})")
+
+    def bottleneck_size(self, hidden_size: int) -> int:
+        """m for a model of width D, as upstream computes it: int(D // rf)."""
+        return bottleneck_size(self.bottleneck_dim, self.reduction_factor, hidden_size)
+
+
+@dataclass
+class AdapterConfig(BottleneckConfig):
+    """Houlsby adapter: a(x) = φ(x W_d + b_d) W_u + b_u, dense weights, at ``attn_out`` and ``ffn_out``.
+
+    ``init``: "normal" (W ~ N(0, 0.01²), biases 0: near identity) or "torch_default"
+    (U(±1/√fan_in) for weights and biases, the kernel-adapters NLG presets).
+    """
+
+    method: ClassVar[str] = "adapter"
+    init: str = "normal"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_choice("init", self.init, ("normal", "torch_default"))
+
+
+@dataclass
+class PfeifferConfig(AdapterConfig):
+    """Pfeiffer adapter: one adapter per block. Default at ``ffn_out`` (AdapterFusion placement);
+    the Compacter paper's variant is ``placement="attn"`` (preset ``compacter_paper.pfeiffer``)."""
+
+    method: ClassVar[str] = "pfeiffer"
+    placement: str = "ffn"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_choice("placement", self.placement, ("attn", "ffn"))
+
+
+@dataclass
+class LowRankAdapterConfig(BottleneckConfig):
+    """Low-rank adapter: each projection is W = w_l w_r of rank ``rank`` plus a bias (glorot√2 init)."""
+
+    method: ClassVar[str] = "low_rank_adapter"
+    rank: int = 1
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_int("rank", self.rank, 1)
+
+
+@dataclass
+class PHMAdapterConfig(BottleneckConfig):
+    """PHM adapter: W = Σ_i A_i ⊗ B_i with full B_i; each layer owns its rule A ~ N(0, 0.01²).
+
+    ``phm_dim`` (n) must divide both D and m. ``learn_phm=False`` freezes the rules A.
+    """
+
+    method: ClassVar[str] = "phm_adapter"
+    phm_dim: int = 12
+    learn_phm: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_int("phm_dim", self.phm_dim, 1)
+        check_bool("learn_phm", self.learn_phm)
+
+
+@dataclass
+class CompacterConfig(BottleneckConfig):
+    """Compacter (LPHM): B_i = s_i t_i of rank ``phm_rank``; one rule A shared by every PHM layer of
+    the model (its gradient sums over all of them) when ``shared_phm_rule``.
+
+    ``phm_c_init``: "normal" (A ~ N(0, phm_init_range²)) or "uniform" (U(-1, 1)).
+    """
+
+    method: ClassVar[str] = "compacter"
+    phm_dim: int = 4
+    phm_rank: int = 1
+    phm_init_range: float = 1e-4
+    phm_c_init: str = "normal"
+    shared_phm_rule: bool = True
+    learn_phm: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_int("phm_dim", self.phm_dim, 1)
+        check_int("phm_rank", self.phm_rank, 1)
+        check_positive("phm_init_range", self.phm_init_range)
+        check_choice("phm_c_init", self.phm_c_init, ("normal", "uniform"))
+        check_bool("shared_phm_rule", self.shared_phm_rule)
+        check_bool("learn_phm", self.learn_phm)
+
+
+@dataclass
+class CompacterPlusPlusConfig(CompacterConfig):
+    """Compacter++: Compacter at ``ffn_out`` only."""
+
+    method: ClassVar[str] = "compacter++"
+    placement: str = "ffn"
 
 
 def _empty(*shape: int, factory: dict) -> nn.Parameter:
@@ -186,3 +350,57 @@ def build_adapter(config: BottleneckConfig, dim: int, m: int, factory: dict,
 
     return BottleneckAdapter(dim, m, config.activation, projection(dim, m), projection(m, dim),
                              config.ln_pre, config.ln_post, factory)
+
+
+def selected_sites(config: BottleneckConfig, backbone: "Backbone") -> list["Site"]:
+    """Sites for the configured placement and AdapterDrop layers; validates ``layers``."""
+    stacks = backbone.stacks()
+    kinds = ("attn", "ffn") if config.placement == "both" else (config.placement,)
+    if config.layers is None:
+        for name, n in stacks.items():
+            if config.drop_first > n:
+                raise ValueError(f"drop_first={config.drop_first} exceeds the {n} blocks of the {name} stack; "
+                                 f"allowed: 0..{n}")
+        chosen = {name: set(range(config.drop_first, n)) for name, n in stacks.items()}
+    else:
+        spec = config.layers if isinstance(config.layers, dict) else {name: config.layers for name in stacks}
+        unknown = sorted(set(spec) - set(stacks), key=str)
+        if unknown:
+            raise ValueError(f"layers names unknown stack(s) {unknown}; this {backbone.family} model's stacks: "
+                             f"{sorted(stacks)}")
+        chosen = {}
+        for name, ids in spec.items():
+            bad = [i for i in ids if i >= stacks[name]]
+            if bad:
+                raise ValueError(f"layers: block id(s) {bad} out of range for the {name} stack; "
+                                 f"allowed block ids: 0..{stacks[name] - 1}")
+            chosen[name] = set(ids)
+    return [s for s in backbone.adapter_sites() if s.kind in kinds and s.block in chosen.get(s.stack, ())]
+
+
+def _adapter_hook(adapter: BottleneckAdapter, module: nn.Module, args, output):
+    return adapter(output)
+
+
+@register(AdapterConfig, PfeifferConfig, LowRankAdapterConfig, PHMAdapterConfig, CompacterConfig,
+          CompacterPlusPlusConfig)
+class BottleneckMethod(Method):
+    """A sequential adapter at each selected ``attn_out`` / ``ffn_out`` site (f ← f + a(f)); the Compacter
+    rule A is one module at the model root shared by every PHM layer; LayerNorms train when
+    ``unfreeze_layer_norms``."""
+
+    def plan(self, config: BottleneckConfig, plan: "Plan") -> None:
+        backbone = plan.backbone
+        dim = backbone.hidden_size
+        m = validate_bottleneck(config, dim)
+        sites = selected_sites(config, backbone)
+        shared = None
+        if isinstance(config, CompacterConfig) and config.shared_phm_rule and sites:
+            shared = compacter_rule(config, plan.factory(sites[0].ref_weight))
+            plan.add_module(plan.model, SHARED_RULE_ATTR, shared)
+        for site in sites:
+            adapter = build_adapter(config, dim, m, plan.factory(site.ref_weight), shared)
+            plan.add_module(site.target, ADAPTER_ATTR, adapter)
+            plan.forward_hook(site.target, functools.partial(_adapter_hook, adapter))
+        if config.unfreeze_layer_norms:
+            plan.train(p for norm in backbone.norms() for p in norm.parameters())

@@ -1,4 +1,5 @@
-"""Plain LoRA (METHODS.md §6): y ← y + s·(Drop_p(x) A B + b_L), A ∈ R^{in×r}, B ∈ R^{r×out}, s = α/r.
+"""Plain LoRA (docs/methods.md; METHODS.md §6): y ← y + s·(Drop_p(x) A B + b_L), A ∈ R^{in×r},
+B ∈ R^{r×out}, s = α/r.
 
 One ``LoRA`` module per patched linear. It holds one ``LoRABranch`` per target that linear serves
 (GPT-2's fused ``c_attn`` serves "q", "k" and "v", each a column slice of its output) and adds each
@@ -7,17 +8,68 @@ linear's weight and bias (``kadapt.merge``).
 """
 from __future__ import annotations
 
+import functools
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
+
 import torch
 from torch import nn
 
-from kadapt.configs import LoRAConfig
-from kadapt.methods.bottleneck import kaiming_sqrt5_
+from kadapt.methods.base import (KadaptConfig, Method, check_bool, check_choice, check_dropout, check_int,
+                                 check_positive, register)
+from kadapt.methods.common import accumulation_dtype, fold_linear, kaiming_sqrt5_, tn01_
+
+if TYPE_CHECKING:
+    from kadapt.patching.plan import Plan
+
+LORA_ATTR = "kadapt_lora"
 
 
-def tn01_(t: torch.Tensor) -> torch.Tensor:
-    """`tn01`: 0.01·fmod(z, 2), z ~ N(0, 1) (fmod keeps the sign of z), so |x| < 0.02."""
-    with torch.no_grad():
-        return t.copy_(0.01 * torch.fmod(torch.randn(t.shape, device=t.device, dtype=t.dtype), 2.0))
+# "ffn_in" is every linear reading the FFN input (gated FFNs: gate and up), "ffn_out" the one writing its output.
+LORA_TARGETS = ("q", "k", "v", "o", "ffn_in", "ffn_out")
+
+
+@dataclass
+class LoRAConfig(KadaptConfig):
+    """Plain LoRA (METHODS.md §6): y ← y + s·(Drop_p(x) A B + b_L), s = alpha / r.
+
+    ``targets``: any of ``LORA_TARGETS``. "q"/"k"/"v" are the query/key/value projections (on GPT-2
+    the column slices [0:D], [D:2D], [2D:3D] of the fused ``c_attn``), "o" the attention output
+    projection, "ffn_in" the FFN linear(s) reading its input (gated FFNs, as in the Llama family: gate and up)
+    and "ffn_out" the one writing its output (down); on T5 every attention module (encoder self,
+    decoder self and cross) is targeted. ``lora_bias`` adds b_L (zero at init, scaled by s).
+    ``init``: "lora" (A kaiming√5, B = 0, output unchanged at init), "houlsby" (A, B, b_L tn01) or
+    "bert" (N(0, 0.02²)). Foldable into the weights with ``kadapt.merge``.
+    """
+
+    method: ClassVar[str] = "lora"
+    r: int = 8
+    alpha: float = 8.0
+    dropout: float = 0.0
+    targets: tuple[str, ...] = ("q", "v")
+    lora_bias: bool = False
+    init: str = "lora"
+
+    def __post_init__(self) -> None:
+        check_int("r", self.r, 1)
+        check_positive("alpha", self.alpha, " (s = alpha / r)")
+        check_dropout("dropout", self.dropout)
+        if isinstance(self.targets, str) or not isinstance(self.targets, (list, tuple)) or not self.targets:
+            raise ValueError(f"targets={self.targets!r} must be a non-empty list of target names; allowed values: "
+                             f"{', '.join(map(repr, LORA_TARGETS))}")
+        for t in self.targets:
+            if t not in LORA_TARGETS:
+                raise ValueError(f"targets contains {t!r}; allowed values: {', '.join(map(repr, LORA_TARGETS))}")
+        if len(set(self.targets)) != len(self.targets):
+            raise ValueError(f"targets={self.targets!r} names a target twice; allowed values: "
+                             f"{', '.join(map(repr, LORA_TARGETS))}, each at most once")
+        self.targets = tuple(self.targets)  # JSON round trips give a list
+        check_bool("lora_bias", self.lora_bias)
+        check_choice("init", self.init, ("lora", "houlsby", "bert"))
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.r
 
 
 class LoRABranch(nn.Module):
@@ -50,9 +102,9 @@ class LoRABranch(nn.Module):
             d = d + self.lora_bias
         return self.scaling * d
 
-    def delta_weight(self) -> torch.Tensor:
-        """s·A B in fp32, (in, stop - start)."""
-        return self.scaling * (self.lora_a.float() @ self.lora_b.float())
+    def delta_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """s·A B in ``dtype``, (in, stop - start)."""
+        return self.scaling * (self.lora_a.detach().to(dtype) @ self.lora_b.detach().to(dtype))
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out=[{self.start}:{self.stop}], r={self.lora_a.shape[1]}, s={self.scaling:g}"
@@ -80,30 +132,12 @@ class LoRA(nn.Module):
             parts.append(y[..., at:])
         return torch.cat(parts, dim=-1)
 
-    @torch.no_grad()
     def fold(self, linear: nn.Module) -> None:
-        """W ← W + s·A B and b ← b + s·b_L on ``linear``, accumulated in fp32. A bias-free linear
-        (T5) gets a bias parameter when a branch has b_L (METHODS.md §6)."""
-        weight = linear.weight
-        merged = weight.detach().float()
+        """W ← W + s·A B and b ← b + s·b_L on ``linear`` (kadapt.methods.common.fold_linear: accumulated in
+        the wider of fp32 and the weight's dtype; only the corrected columns are rewritten)."""
         for b in self.branches.values():
-            delta = b.delta_weight()
-            if self.weight_layout == "in_out":
-                merged[:, b.start:b.stop] += delta
-            else:
-                merged[b.start:b.stop, :] += delta.t()
-        weight.copy_(merged.to(weight.dtype))
-        biased = [b for b in self.branches.values() if b.lora_bias is not None]
-        if not biased:
-            return
-        if getattr(linear, "bias", None) is None:
-            linear.register_parameter("bias", nn.Parameter(
-                torch.zeros(self.out_features, device=weight.device, dtype=weight.dtype),
-                requires_grad=weight.requires_grad))
-        bias = linear.bias.detach().float()
-        for b in biased:
-            bias[b.start:b.stop] += b.scaling * b.lora_bias.float()
-        linear.bias.copy_(bias.to(linear.bias.dtype))
+            db = b.scaling * b.lora_bias.detach() if b.lora_bias is not None else None
+            fold_linear(linear, (b.start, b.stop), b.delta_weight(accumulation_dtype(linear.weight.dtype)), db)
 
 
 def build_lora(in_features: int, out_features: int, weight_layout: str, slices: dict[str, tuple[int, int]],
@@ -111,3 +145,27 @@ def build_lora(in_features: int, out_features: int, weight_layout: str, slices: 
     """One ``LoRA`` for a linear in → out serving the targets in ``slices`` (name -> output columns)."""
     branches = {name: LoRABranch(in_features, a, b, config, factory) for name, (a, b) in slices.items()}
     return LoRA(out_features, weight_layout, branches)
+
+
+def _lora_hook(lora: LoRA, module: nn.Module, args, output):
+    return lora(args[0], output)
+
+
+@register(LoRAConfig)
+class LoRAMethod(Method):
+    mergeable = True
+
+    def plan(self, config: LoRAConfig, plan: "Plan") -> None:
+        sites = plan.backbone.linear_sites(config.targets)
+        for site in sites:
+            lora = build_lora(site.in_features, site.out_features, site.weight_layout, site.slices, config,
+                              plan.factory(site.module.weight))
+            lora.train(site.module.training)  # dropout follows the host's mode
+            plan.add_module(site.module, LORA_ATTR, lora)
+            plan.forward_hook(site.module, functools.partial(_lora_hook, lora))
+            plan.on_merge(functools.partial(_fold, lora, site.module))
+
+
+def _fold(lora: LoRA, linear: nn.Module) -> list[nn.Module]:
+    lora.fold(linear)
+    return [linear]

@@ -1,19 +1,71 @@
-"""Parallel adapter (He et al.; METHODS.md §7): f ← f + s·(φ(LN_pre(x) W_d + b_d) W_u + b_u).
+"""Parallel adapter (He et al.; docs/methods.md; METHODS.md §7): f ← f + s·(φ(LN_pre(x) W_d + b_d) W_u + b_u).
 
-x is the sub-layer input, f the sub-layer output at the addition site. The patcher hands x to
-``stash`` (a forward pre-hook on the module that reads x) and calls ``forward(f)`` from a forward hook
-at the addition site. Without dropout the bottleneck runs through ``kadapt.ops.fused_adapter``; with
-dropout (on φ(·), before W_u) in training mode it runs the reference math in PyTorch.
+x is the sub-layer input, f the sub-layer output at the addition site. Where one module reads x and writes
+f (T5's DenseReluDense, the Llama MLP) one forward hook does it all; otherwise a forward pre-hook on the
+module that reads x hands it, through the per-thread call stash, to the forward hook at the addition site.
+Without dropout the bottleneck runs through ``kadapt.ops.fused_adapter``; with dropout (on φ(·), before
+W_u) in training mode it runs the reference math in PyTorch.
 """
 from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from torch import nn
 
-from kadapt.configs import ParallelAdapterConfig
-from kadapt.methods.bottleneck import kaiming_sqrt5_
+from kadapt.methods.base import (KadaptConfig, Method, check_bool, check_choice, check_dropout, check_int,
+                                 check_positive, register)
+from kadapt.methods.bottleneck import ACTIVATIONS, PLACEMENTS, bottleneck_size
+from kadapt.methods.common import STASH, kaiming_sqrt5_
 from kadapt.ops import fused_adapter
 from kadapt.ops.activations import activation
+
+if TYPE_CHECKING:
+    from kadapt.patching.plan import Plan
+
+PARALLEL_ATTR = "kadapt_parallel"
+
+
+@dataclass
+class ParallelAdapterConfig(KadaptConfig):
+    """Parallel adapter (He et al.; METHODS.md §7): f ← f + s·(φ(LN_pre(x) W_d + b_d) W_u + b_u), x the
+    sub-layer input (``ffn_in``, or ``attn_in`` for placement "attn"), added at ``ffn_out`` / ``attn_out``
+    (GPT-2, T5: before the sub-layer dropout; RoBERTa/BERT: after it, before the residual LayerNorm).
+    Never on T5 cross-attention.
+
+    ``reduction_factor`` (m = int(D // rf)) or ``bottleneck_dim``; ``scale`` s (``learnable_scale``: s
+    is a trained scalar initialised to ``scale``); ``init`` "lora" (W_d kaiming√5, W_u = 0, biases 0:
+    output unchanged at init) or "torch_default"; ``dropout`` on the bottleneck activation.
+    """
+
+    method: ClassVar[str] = "parallel_adapter"
+    bottleneck_dim: int | None = None
+    reduction_factor: float = 32
+    scale: float = 2.0
+    learnable_scale: bool = False
+    ln_pre: bool = False
+    activation: str = "relu"
+    init: str = "lora"
+    placement: str = "ffn"
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.bottleneck_dim is not None:
+            check_int("bottleneck_dim", self.bottleneck_dim, 1)
+        check_positive("reduction_factor", self.reduction_factor, " (m = int(D // reduction_factor))")
+        check_positive("scale", self.scale)
+        check_bool("learnable_scale", self.learnable_scale)
+        check_bool("ln_pre", self.ln_pre)
+        check_choice("activation", self.activation, ACTIVATIONS)
+        check_choice("init", self.init, ("lora", "torch_default"))
+        check_choice("placement", self.placement, PLACEMENTS)
+        check_dropout("dropout", self.dropout)
+
+    def bottleneck_size(self, hidden_size: int) -> int:
+        """m for a model of width D, as upstream computes it: int(D // rf)."""
+        return bottleneck_size(self.bottleneck_dim, self.reduction_factor, hidden_size)
 
 
 class ParallelAdapter(nn.Module):
@@ -37,10 +89,6 @@ class ParallelAdapter(nn.Module):
         else:
             self.scale = float(config.scale)
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else None
-        self._x: torch.Tensor | None = None  # the sub-layer input of the call in flight
-
-    def stash(self, x: torch.Tensor) -> None:
-        self._x = x
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         """s·(φ(LN_pre(x) W_d + b_d) W_u + b_u)."""
@@ -53,13 +101,45 @@ class ParallelAdapter(nn.Module):
             a = fused_adapter(x, self.w_down, self.b_down, self.w_up, self.b_up, self.act)
         return self.scale * a
 
-    def forward(self, f: torch.Tensor) -> torch.Tensor:
-        x, self._x = self._x, None
-        if x is None:
-            raise RuntimeError("ParallelAdapter: the sub-layer input was not captured before its output "
-                               "(the patched module was called out of order)")
+    def forward(self, x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+        """f + s·a(x): x the sub-layer input, f its output at the addition site."""
         return f + self.delta(x).to(f.dtype)
 
     def extra_repr(self) -> str:
         s = "learnable" if isinstance(self.scale, nn.Parameter) else f"{self.scale:g}"
         return f"dim={self.dim}, bottleneck={self.bottleneck}, act={self.act}, scale={s}"
+
+
+def _input_hook(adapter: ParallelAdapter, module: nn.Module, args):
+    STASH.put(adapter, args[0])
+
+
+def _output_hook(adapter: ParallelAdapter, module: nn.Module, args, output):
+    x = STASH.take(adapter)
+    if x is None:
+        raise RuntimeError("parallel adapter: the sub-layer input was not captured before its output "
+                           "(the patched module was called out of order)")
+    return adapter(x, output)
+
+
+def _one_module_hook(adapter: ParallelAdapter, module: nn.Module, args, output):
+    return adapter(args[0], output)
+
+
+@register(ParallelAdapterConfig)
+class ParallelAdapterMethod(Method):
+    def plan(self, config: ParallelAdapterConfig, plan: "Plan") -> None:
+        dim = plan.backbone.hidden_size
+        m = config.bottleneck_size(dim)
+        kinds = ("attn", "ffn") if config.placement == "both" else (config.placement,)
+        for site in plan.backbone.parallel_sites():
+            if site.kind not in kinds:
+                continue
+            adapter = ParallelAdapter(dim, m, config, plan.factory(site.ref_weight))
+            adapter.train(site.target.training)
+            plan.add_module(site.target, PARALLEL_ATTR, adapter)
+            if site.source is site.target:
+                plan.forward_hook(site.target, functools.partial(_one_module_hook, adapter))
+            else:
+                plan.forward_pre_hook(site.source, functools.partial(_input_hook, adapter))
+                plan.forward_hook(site.target, functools.partial(_output_hook, adapter))

@@ -1,23 +1,63 @@
-"""Prefix tuning (Li & Liang; He et al.; METHODS.md §7).
+"""Prefix tuning (Li & Liang; He et al.; docs/methods.md; METHODS.md §7).
 
-One ``PrefixEncoder`` per prefix set (GPT-2 and RoBERTa: one; T5: encoder self, decoder self, cross)
-computes M = tanh(E W_1 + b_1) W_2 + b_2, E ∈ R^{P×D}, W_2 ∈ R^{m_p×2N_bD}; layer ℓ's keys are columns
-[2ℓD, (2ℓ+1)D) and its values [(2ℓ+1)D, (2ℓ+2)D) (column ((2ℓ + kv)·H + h)·d + e, PEFT's order), each
-reshaped to (H, P, d) (the inner width H·d replaces D in W_2 where they
-differ, as T5 allows). A layer computes only its own 2D columns, so the MLP costs one pass per forward
-in total. ``PrefixAttention`` (one per attention layer) puts [K_P; K], [V_P; V] into the model's own
-attention implementation (SDPA or eager) with the prefix columns visible to every query and zero T5
-relative bias. After ``eject`` the layer holds K_P, V_P as parameters and the encoder is gone.
+One ``PrefixEncoder`` per prefix set (GPT-2, RoBERTa and the Llama family: one; T5: encoder self, decoder
+self, cross) computes M = tanh(E W_1 + b_1) W_2 + b_2, E ∈ R^{P×D}, W_2 ∈ R^{m_p×2N_b·W}, W the key/value
+width H_kv·d (D without grouped-query attention); layer ℓ's keys are columns [2ℓW, (2ℓ+1)W) and its values
+[(2ℓ+1)W, (2ℓ+2)W) (column ((2ℓ + kv)·H_kv + h)·d + e, PEFT's order), each reshaped to (H_kv, P, d). A layer
+computes only its own 2W columns, so the MLP costs one pass per forward in total. ``PrefixAttention`` (one
+per attention layer) puts [K_P; K], [V_P; V] into the model's own attention implementation (SDPA or eager)
+with the prefix columns visible to every query, no rotary position and zero T5 relative bias. After
+``eject`` the layer holds K_P, V_P as parameters and the encoder is gone.
 """
 from __future__ import annotations
 
-from typing import Callable
+import functools
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, ClassVar
 
 import torch
 from torch import nn
 
 from kadapt.methods.attention import call_base, prepend_keys
-from kadapt.methods.bottleneck import kaiming_sqrt5_
+from kadapt.methods.base import KadaptConfig, Method, check_bool, check_int, register
+from kadapt.methods.common import kaiming_sqrt5_
+
+if TYPE_CHECKING:
+    from kadapt.patching.base import AttentionSite
+    from kadapt.patching.plan import Plan
+
+PREFIX_ATTR = "kadapt_prefix_"  # + prefix set name, on the model root
+
+
+@dataclass
+class PrefixTuningConfig(KadaptConfig):
+    """Prefix tuning (Li & Liang; He et al.; METHODS.md §7): every self-attention layer attends to
+    ``prefix_length`` (P) extra keys and values in front of its own, [K_P; K] and [V_P; V].
+
+    With ``reparameterize`` (the default) the prefixes are M = tanh(E W_1 + b_1) W_2 + b_2, E ∈ R^{P×D},
+    W_1 ∈ R^{D×m_p} (m_p = ``hidden_size``), W_2 ∈ R^{m_p×2N_bD}, one MLP per prefix set; ``kadapt.eject``
+    caches M and drops the MLP (2·N_b·P·D parameters remain). ``reparameterize=False`` trains K_P, V_P
+    directly (initialised from a freshly drawn MLP). Prefix columns are visible to every query (no causal or
+    padding mask), get no position embedding and zero T5 relative bias; nothing is stored in the KV cache.
+    T5: one set each for encoder self-, decoder self- and (``cross_attention``, default on) cross-attention.
+    Defaults P = 30, m_p = 512 (generic); preset ``he2022_mam_roberta`` uses P = 16, m_p = 800.
+    ``compat_prefix_shift_positions`` (GPT-2 only; METHODS.md §11 quirk 17): real-token positions start at
+    P, as when the prefix is fed through ``past_key_values`` (PEFT); needed for exact PEFT export.
+    """
+
+    method: ClassVar[str] = "prefix_tuning"
+    prefix_length: int = 30
+    hidden_size: int = 512
+    reparameterize: bool = True
+    cross_attention: bool = True
+    compat_prefix_shift_positions: bool = False
+
+    def __post_init__(self) -> None:
+        check_bool("compat_prefix_shift_positions", self.compat_prefix_shift_positions)
+        check_int("prefix_length", self.prefix_length, 1)
+        check_int("hidden_size", self.hidden_size, 1)
+        check_bool("reparameterize", self.reparameterize)
+        check_bool("cross_attention", self.cross_attention)
 
 
 class PrefixEncoder(nn.Module):
@@ -37,8 +77,8 @@ class PrefixEncoder(nn.Module):
             kaiming_sqrt5_(b, fan_in)
 
     def layer_prefix(self, layer: int, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(K_P, V_P) of ``layer``, each (H, P, d) with H·d = the attention's inner width (D except on T5
-        configs with num_heads·d_kv ≠ d_model)."""
+        """(K_P, V_P) of ``layer``, each (H_kv, P, d) with H_kv·d = the attention's key/value width (D except
+        on T5 configs with num_heads·d_kv ≠ d_model, and under grouped-query attention)."""
         D = self.inner_dim
         cols = slice(2 * layer * D, (2 * layer + 2) * D)
         hidden = torch.tanh(self.embedding @ self.w1 + self.b1)
@@ -55,7 +95,7 @@ class PrefixAttention(nn.Module):
 
     def __init__(self, encoder: PrefixEncoder, layer: int, heads: int, head_dim: int):
         super().__init__()
-        self.layer, self.heads, self.head_dim = layer, heads, head_dim
+        self.layer, self.heads, self.head_dim = layer, heads, head_dim  # heads: the key/value heads
         self.prefix_length = encoder.prefix_length
         object.__setattr__(self, "_encoder", encoder)  # not a child: its parameters belong to the model root
         self.key: nn.Parameter | None = None  # (H, P, d) after eject
@@ -93,3 +133,50 @@ class PrefixAttention(nn.Module):
 
     def extra_repr(self) -> str:
         return f"layer={self.layer}, P={self.prefix_length}, ejected={self.key is not None}"
+
+
+def _shift_positions_hook(shift: int, module: nn.Module, args):
+    return (args[0] + shift, *args[1:])
+
+
+def _eject(encoders: list[tuple[nn.Module, str]], layers: list[PrefixAttention], config: PrefixTuningConfig,
+           record) -> None:
+    for layer in layers:
+        layer.eject()
+    for owner, name in encoders:
+        record.remove_module(owner, name)
+    config.reparameterize = False
+
+
+@register(PrefixTuningConfig)
+class PrefixTuningMethod(Method):
+    ejectable = True
+
+    def plan(self, config: PrefixTuningConfig, plan: "Plan") -> None:
+        backbone = plan.backbone
+        if config.compat_prefix_shift_positions:
+            positions = backbone.learned_positions()
+            if positions is None:
+                raise ValueError(f"compat_prefix_shift_positions=True is GPT-2 only (PEFT's past_key_values prefix "
+                                 f"shifts GPT-2's learned positions); this model is {backbone.family!r}")
+            plan.forward_pre_hook(positions, functools.partial(_shift_positions_hook, config.prefix_length))
+        by_set: dict[str, list["AttentionSite"]] = {}
+        for site in backbone.attention_sites(cross_attention=config.cross_attention):
+            by_set.setdefault(site.prefix_set, []).append(site)
+        layers, encoders = [], []
+        for name, members in by_set.items():
+            ref, width = members[0].o.weight, members[0].kv_heads * members[0].head_dim
+            encoder = PrefixEncoder(config.prefix_length, backbone.hidden_size, width, config.hidden_size,
+                                    len(members), plan.factory(ref))
+            for index, site in enumerate(members):
+                layer = PrefixAttention(encoder, index, site.kv_heads, site.head_dim)
+                layers.append((site, layer))
+            if config.reparameterize:
+                plan.add_module(plan.model, PREFIX_ATTR + name, encoder)
+                encoders.append((plan.model, PREFIX_ATTR + name))
+        for site, layer in layers:
+            if not config.reparameterize:  # train K_P, V_P directly, drawn from a fresh MLP
+                layer.eject()
+            plan.attend(site.module, layer)
+        if config.reparameterize:
+            plan.on_eject(functools.partial(_eject, encoders, [layer for _, layer in layers], config))

@@ -1,6 +1,8 @@
-"""What a backbone family tells the patcher: its blocks, hook points, LayerNorms, biases and heads.
+"""What a backbone family declares: its blocks, hook points (sites), norms, biases, heads and FFN shape.
 
-A family module answers "where" only; method math lives in kadapt.methods.
+A family module answers "where" only; method math lives in kadapt.methods. Nothing is guessed: each family
+states its norm type (``norm``), whether its linears carry biases (``linear_bias``), its FFN shape (``ffn``)
+and, per attention site, its query and key/value head counts.
 """
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-SUPPORTED = "supported: GPT-2, RoBERTa, BERT and T5 transformers models"
+SUPPORTED = "supported: GPT-2, RoBERTa, BERT, T5 and Llama-family (Llama, Qwen2, Mistral) transformers models"
 
 # Top-level attributes of HF task models that hold a newly initialised task head (these train).
 TASK_HEAD_NAMES = ("classifier", "score", "qa_outputs", "classification_head", "multiple_choice_head")
@@ -73,6 +75,10 @@ class KernelMixSite:
     o: tuple[nn.Module, tuple[int, int]]
     heads: int
     head_dim: int
+    kv_heads: int = 0  # key/value heads (grouped-query attention); 0 = heads
+
+    def __post_init__(self) -> None:
+        self.kv_heads = self.kv_heads or self.heads
 
     @property
     def fused(self) -> bool:
@@ -92,6 +98,10 @@ class AttentionSite:
     o: nn.Module
     heads: int
     head_dim: int
+    kv_heads: int = 0  # key/value heads (grouped-query attention); 0 = heads
+
+    def __post_init__(self) -> None:
+        self.kv_heads = self.kv_heads or self.heads
 
     @property
     def prefix_set(self) -> str:
@@ -101,10 +111,10 @@ class AttentionSite:
 
 @dataclass
 class BiasSite:
-    """BitFit on a family without biases: ``module`` gets a zero bias of ``size``.
+    """Where BitFit's biases live: ``module``'s bias of ``size`` trains if it exists, else a zero one is added.
 
-    ``native``: the module's forward already uses ``module.bias`` (nn.Linear); otherwise a forward hook
-    adds it to the output (T5LayerNorm).
+    ``native``: the module's forward already uses ``module.bias`` (nn.Linear, LayerNorm); otherwise a forward
+    hook adds it to the output (RMSNorm-style norms: T5LayerNorm, LlamaRMSNorm).
     """
 
     module: nn.Module
@@ -113,10 +123,14 @@ class BiasSite:
 
 
 class Backbone:
-    """Base class; subclasses set ``family`` and ``model_types`` and implement the queries."""
+    """Base class; a family sets the declarations below and implements the site queries."""
 
     family: str = ""
     model_types: tuple[str, ...] = ()
+    norm: str = ""                      # "layernorm" | "rmsnorm"
+    norm_classes: tuple[str, ...] = ()  # class names of the family's norm modules
+    linear_bias: bool = True            # whether the block's linears carry biases
+    ffn: str = "plain"                  # "plain": out(act(in(x))) | "gated": out(act(gate(x)) * up(x))
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -156,17 +170,22 @@ class Backbone:
         """The modules the method trains in (not pretrained or task heads)."""
         raise NotImplementedError
 
-    def layer_norms(self) -> list[nn.Module]:
-        """The backbone's own LayerNorms (not those of pretrained or task heads)."""
-        return [m for part in self._body() for m in part.modules() if isinstance(m, nn.LayerNorm)]
+    def norms(self) -> list[nn.Module]:
+        """The backbone's own norms (``norm_classes``; not those of pretrained or task heads)."""
+        return [m for part in self._body() for m in part.modules() if type(m).__name__ in self.norm_classes]
 
-    def existing_biases(self) -> list[nn.Parameter] | None:
-        """BitFit: the backbone's existing biases, or None when the family has none (T5)."""
-        return [p for part in self._body() for n, p in part.named_parameters() if n.endswith("bias")]
+    def layer_norms(self) -> list[nn.Module]:
+        """Earlier name of ``norms``."""
+        return self.norms()
 
     def bias_sites(self, skip_final_ln: bool) -> list[BiasSite]:
-        """BitFit on a bias-free family: where zero biases are added."""
-        raise NotImplementedError
+        """BitFit: every module of the body that has a bias (biased families train these and add nothing)."""
+        return [BiasSite(m, m.bias.shape[0], True) for part in self._body() for m in part.modules()
+                if isinstance(getattr(m, "bias", None), nn.Parameter)]
+
+    def learned_positions(self) -> nn.Module | None:
+        """The learned position embedding whose input is the position ids (GPT-2's wpe), or None."""
+        return None
 
     def task_heads(self) -> list[nn.Module]:
         heads = []

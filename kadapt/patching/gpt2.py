@@ -10,6 +10,7 @@ from kadapt.patching.base import (AttentionSite, Backbone, KernelMixSite, Linear
 class GPT2Backbone(Backbone):
     family = "gpt2"
     model_types = ("gpt2",)
+    norm, norm_classes, linear_bias, ffn = "layernorm", ("LayerNorm",), True, "plain"
 
     def __init__(self, model: nn.Module):
         super().__init__(model)
@@ -68,3 +69,6 @@ class GPT2Backbone(Backbone):
 
     def _body(self) -> list[nn.Module]:
         return [self.root]
+
+    def learned_positions(self) -> nn.Module:
+        return self.root.wpe

@@ -11,6 +11,7 @@ from kadapt.patching.base import (AttentionSite, Backbone, KernelMixSite, Linear
 class RobertaBackbone(Backbone):
     family = "roberta"
     model_types = ("roberta", "bert")
+    norm, norm_classes, linear_bias, ffn = "layernorm", ("LayerNorm",), True, "plain"
     _root_classes = ("RobertaModel", "BertModel")
 
     def __init__(self, model: nn.Module):

@@ -12,6 +12,7 @@ from kadapt.patching.base import (SUPPORTED, AttentionSite, Backbone, BiasSite, 
 class T5Backbone(Backbone):
     family = "t5"
     model_types = ("t5",)
+    norm, norm_classes, linear_bias = "rmsnorm", ("T5LayerNorm",), False
 
     def __init__(self, model: nn.Module):
         super().__init__(model)
@@ -25,6 +26,11 @@ class T5Backbone(Backbone):
     @property
     def hidden_size(self) -> int:
         return next(iter(self.stack_modules.values())).config.d_model
+
+    @property
+    def ffn(self) -> str:
+        """T5 v1.1 / FLAN-T5 use a gated FFN (wi_0, wi_1)."""
+        return "gated" if getattr(self.model.config, "is_gated_act", False) else "plain"
 
     def stacks(self) -> dict[str, int]:
         return {name: len(s.block) for name, s in self.stack_modules.items()}
@@ -92,11 +98,8 @@ class T5Backbone(Backbone):
                                        s.head_dim))
         return sites
 
-    def layer_norms(self) -> list[nn.Module]:
-        return [m for s in self.stack_modules.values() for m in s.modules() if type(m).__name__ == "T5LayerNorm"]
-
-    def existing_biases(self) -> None:
-        return None
+    def _body(self) -> list[nn.Module]:
+        return list(self.stack_modules.values())
 
     def bias_sites(self, skip_final_ln: bool) -> list[BiasSite]:
         sites = []
