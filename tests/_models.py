@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import torch
-from transformers import (BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel, RobertaConfig,
-                          RobertaForSequenceClassification, RobertaModel, GPT2Model, T5Config,
+from transformers import (BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel, GPT2Model,
+                          LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
+                          Qwen2ForCausalLM, RobertaConfig, RobertaForSequenceClassification, RobertaModel, T5Config,
                           T5ForConditionalGeneration)
 
 import kadapt
 
 FAMILIES = ("gpt2", "roberta", "bert", "t5")
+LLAMA_FAMILIES = ("llama", "qwen2", "mistral")  # grouped-query attention: 4 query heads over 2 KV heads
+ALL_FAMILIES = FAMILIES + LLAMA_FAMILIES
+_LLAMA = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+          "mistral": (MistralConfig, MistralForCausalLM)}
 
 
 def tiny(family: str, hidden: int = 64, seed: int = 0) -> torch.nn.Module:
@@ -30,6 +35,12 @@ def tiny(family: str, hidden: int = 64, seed: int = 0) -> torch.nn.Module:
         cfg = T5Config(vocab_size=100, d_model=hidden, d_kv=16, d_ff=2 * hidden, num_layers=2, num_heads=4,
                        decoder_start_token_id=0)
         return T5ForConditionalGeneration(cfg).eval()
+    if family in _LLAMA:
+        config_cls, model_cls = _LLAMA[family]
+        cfg = config_cls(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=100, max_position_embeddings=64, bos_token_id=0,
+                         eos_token_id=0, pad_token_id=0)
+        return model_cls(cfg).eval()
     raise KeyError(family)
 
 
