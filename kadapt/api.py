@@ -49,7 +49,8 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike) -> None:
         "hidden_size": record.hidden_size,
         "shapes": {k: list(v.shape) for k, v in state.items()},
     }
-    save_file(state, str(directory / WEIGHTS_NAME), metadata={"format": "pt", "kadapt": str(FORMAT_VERSION)})
+    save_file(state, str(directory / WEIGHTS_NAME),
+              metadata={"format": "pt", "kadapt": str(FORMAT_VERSION), "kadapt_methods": _methods(record.config)})
     (directory / CONFIG_NAME).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
 
 
@@ -72,7 +73,9 @@ def _read_meta(directory: Path) -> dict:
         raise ValueError(f"{path} not found: not a kadapt adapter directory "
                          f"(expected {CONFIG_NAME} and {WEIGHTS_NAME})")
     try:
-        meta = json.loads(path.read_text())
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text ({e}); the adapter file is corrupt or not a kadapt adapter") from e
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not valid JSON ({e}); the adapter file is truncated or corrupt") from e
     if not isinstance(meta, dict):
@@ -86,14 +89,16 @@ def _read_meta(directory: Path) -> dict:
     return meta
 
 
-def _read_weights(directory: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
+def _read_weights(directory: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors and the safetensors metadata."""
+    from safetensors import safe_open
 
     path = directory / WEIGHTS_NAME
     if not path.is_file():
         raise ValueError(f"{path} not found: the adapter directory lacks its weights file {WEIGHTS_NAME}")
     try:
-        return load_file(str(path))
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
     except Exception as e:  # safetensors raises its own error type for truncated headers or data
         raise ValueError(f"{path} cannot be read ({type(e).__name__}: {e}); the adapter file is truncated or "
                          f"corrupt") from e
@@ -106,14 +111,21 @@ def _methods(config: KadaptConfig | list[KadaptConfig]) -> str:
 def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     """Load an adapter saved by ``save_adapter``: patch ``model`` with the saved config if it is not
     patched yet, then copy the tensors in. Every check (method, model type, hidden size, names,
-    shapes, dtype castability) runs before anything is written; on failure the model is unchanged."""
+    shapes, dtype castability) runs before anything is written; on failure the model is unchanged.
+
+    Existing model tensors the file holds (a user unfroze e.g. the input embeddings after patching, so
+    save_adapter wrote them) are loaded too and made trainable again; ``unpatch`` restores their values."""
     directory = Path(directory)
     meta = _read_meta(directory)
     try:
         config = _config_from(meta["config"])
     except (ValueError, TypeError) as e:
         raise ValueError(f"{directory / CONFIG_NAME}: the saved config is invalid: {e}") from e
-    weights = _read_weights(directory)
+    weights, metadata = _read_weights(directory)
+    saved_methods = metadata.get("kadapt_methods")
+    if saved_methods is not None and saved_methods != _methods(config):
+        raise ValueError(f"{directory}: {CONFIG_NAME} names method {_methods(config)!r} but {WEIGHTS_NAME} was saved "
+                         f"by method {saved_methods!r}; the two files do not belong together")
     backbone = get_backbone(model)
     if meta["model_type"] != model.config.model_type or meta["hidden_size"] != backbone.hidden_size:
         raise ValueError(f"model: the adapter was saved for model_type={meta['model_type']!r} with hidden size "
@@ -128,6 +140,9 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
         patch(model, config)
     try:
         target = adapter_state(model)
+        params = dict(model.named_parameters())
+        extra = sorted(n for n in set(weights) - set(target) if n in params)  # existing tensors a user trained
+        target.update({n: params[n] for n in extra})
         missing, unexpected = sorted(set(target) - set(weights)), sorted(set(weights) - set(target))
         if missing or unexpected:
             raise ValueError(f"adapter tensors do not match the patched model: missing {missing[:5]}"
@@ -139,9 +154,15 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
                                  f"model expects {tuple(p.shape)}")
             if not weights[name].dtype.is_floating_point:
                 raise ValueError(f"adapter tensor {name!r} has dtype {weights[name].dtype}; expected a float dtype")
+        record = get_record(model)
+        known = {id(p) for p, _ in record.snapshots}
+        record.snapshots += [(params[n], params[n].detach().to("cpu", copy=True)) for n in extra
+                             if id(params[n]) not in known]
         with torch.no_grad():
             for name, p in target.items():
                 p.copy_(weights[name].to(device=p.device, dtype=p.dtype))
+        for name in extra:
+            params[name].requires_grad_(True)
     except BaseException:
         if patched_here:
             unpatch(model)

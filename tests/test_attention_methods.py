@@ -552,8 +552,41 @@ def test_gpt2_prefix_shift_positions_equals_peft_style_cache():
     mask = torch.cat([torch.ones(B, P, dtype=kw["attention_mask"].dtype), kw["attention_mask"]], 1)
     want = model(input_ids=kw["input_ids"], attention_mask=mask, past_key_values=cache).logits
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    with pytest.raises(ValueError, match="compat_prefix_shift_positions=True is GPT-2 only"):
-        kadapt.patch(tiny("roberta"), kadapt.PrefixTuningConfig(compat_prefix_shift_positions=True))
+    with pytest.raises(ValueError, match="compat_prefix_shift_positions=True needs learned absolute positions"):
+        kadapt.patch(tiny("t5"), kadapt.PrefixTuningConfig(compat_prefix_shift_positions=True))
+
+
+@pytest.mark.parametrize("family", ["roberta", "bert"])
+def test_roberta_bert_prefix_shift_positions_as_peft(family):
+    """PEFT feeds the prefix through past_key_values, so RoBERTa/BERT compute real-token positions with
+    past_key_values_length = P (RoBERTa: padding_idx + P + 1.., pads kept at padding_idx; BERT: P, P + 1, ..).
+    The flag equals the unshifted model given exactly those position ids."""
+    P = 3
+    model = tiny(family)
+    kw = inputs(family)
+    kw["input_ids"][0, -2:] = model.config.pad_token_id  # right padding in row 0
+    kw["attention_mask"][0, -2:] = 0
+    torch.manual_seed(0)
+    kadapt.patch(model, kadapt.PrefixTuningConfig(prefix_length=P, hidden_size=8, compat_prefix_shift_positions=True))
+    _bump(model)
+    got = output(model, family, **kw)
+    record = kadapt.patching.get_record(model)
+    record.config.compat_prefix_shift_positions = False
+    shifted_hooks = [h for h in record.hooks]
+    for h in shifted_hooks:  # drop only the position pre-hook: the rest of the method stays
+        h.remove()
+    ids = kw["input_ids"]
+    if family == "roberta":
+        pad = model.config.pad_token_id
+        keep = ids.ne(pad).int()
+        positions = (torch.cumsum(keep, 1) + P) * keep + pad
+    else:
+        positions = torch.arange(P, P + ids.shape[1]).expand_as(ids)
+    want = output(model, family, **kw, position_ids=positions)
+    assert not torch.allclose(output(model, family, **kw), got)  # the shift matters
+    real = kw["attention_mask"].bool()
+    torch.testing.assert_close(got[real] if got.dim() > 2 else got, want[real] if want.dim() > 2 else want,
+                               rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("ablation", ["mh_adapter", "value_gating"])

@@ -66,7 +66,8 @@ class KadaptConfig:
         """Field checks; subclasses extend. ``patch`` calls it again to catch later edits."""
 
     def to_dict(self) -> dict[str, Any]:
-        return {"method": self.method, **dataclasses.asdict(self)}
+        """JSON-ready: nested configs as dicts, tuples as lists, numpy scalars as Python numbers."""
+        return {"method": self.method, **_plain(dataclasses.asdict(self))}
 
     @staticmethod
     def from_dict(data: dict[str, Any]) -> "KadaptConfig":
@@ -82,6 +83,18 @@ class KadaptConfig:
         if unknown:
             raise ValueError(f"unknown field(s) {unknown} for method {method!r}; allowed fields: {sorted(names)}")
         return cls(**data)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_plain(v) for v in value)
+    if is_integral(value):
+        return int(value)
+    if is_real(value):
+        return float(value)
+    return value
 
 
 def sub_config(name: str, value: Any, cls: type[KadaptConfig], optional: bool) -> Any:

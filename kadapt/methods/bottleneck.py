@@ -83,6 +83,9 @@ class BottleneckConfig(KadaptConfig):
             groups = self.layers.values() if isinstance(self.layers, dict) else [self.layers]
             if isinstance(self.layers, (str, bytes)) or not isinstance(self.layers, (list, tuple, dict)):
                 raise ValueError(f"layers={self.layers!r} must be a list of block ids or a dict stack -> list")
+            if isinstance(self.layers, dict) and not all(isinstance(k, str) for k in self.layers):
+                raise ValueError(f"layers={self.layers!r}: dict keys must be stack names such as 'encoder' and "
+                                 f"'decoder'")
             for ids in groups:
                 if isinstance(ids, (str, bytes)) or not isinstance(ids, (list, tuple, range)):
                     raise ValueError(f"layers={self.layers!r}: each entry must be a list of block ids")

@@ -253,6 +253,14 @@ def _fold(km: KernelMix, site: "KernelMixSite") -> list[nn.Module]:
     return touched
 
 
+def _new_biases(km: KernelMix, site: "KernelMixSite") -> list[nn.Module]:
+    """The projections whose merge carries a head-wise bias (q: b^Q; v: b^V and b_K A^V B^V; o: b^O) but that
+    have no bias."""
+    parts = (["q"] if km.r_q else []) + (["v", "o"] if km.r_v else [])
+    linears = [getattr(site, p)[0] for p in parts]
+    return [lin for lin in linears if getattr(lin, "bias", None) is None]
+
+
 @register(KernelMixConfig)
 class KernelMixMethod(Method):
     mergeable = True
@@ -275,4 +283,4 @@ class KernelMixMethod(Method):
                     plan.forward_hook(site.v[0], functools.partial(_v_hook, km))
             if km.has_v:
                 plan.forward_hook(site.o[0], functools.partial(_o_hook, km))
-            plan.on_merge(functools.partial(_fold, km, site))
+            plan.on_merge(functools.partial(_fold, km, site), functools.partial(_new_biases, km, site))

@@ -163,9 +163,14 @@ class LoRAMethod(Method):
             lora.train(site.module.training)  # dropout follows the host's mode
             plan.add_module(site.module, LORA_ATTR, lora)
             plan.forward_hook(site.module, functools.partial(_lora_hook, lora))
-            plan.on_merge(functools.partial(_fold, lora, site.module))
+            plan.on_merge(functools.partial(_fold, lora, site.module), functools.partial(_new_bias, lora, site.module))
 
 
 def _fold(lora: LoRA, linear: nn.Module) -> list[nn.Module]:
     lora.fold(linear)
     return [linear]
+
+
+def _new_bias(lora: LoRA, linear: nn.Module) -> list[nn.Module]:
+    biased = any(b.lora_bias is not None for b in lora.branches.values())
+    return [linear] if biased and getattr(linear, "bias", None) is None else []

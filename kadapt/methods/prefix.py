@@ -135,8 +135,14 @@ class PrefixAttention(nn.Module):
         return f"layer={self.layer}, P={self.prefix_length}, ejected={self.key is not None}"
 
 
-def _shift_positions_hook(shift: int, module: nn.Module, args):
-    return (args[0] + shift, *args[1:])
+def _shift_positions_hook(shift: int, pad: int | None, module: nn.Module, args):
+    ids = args[0]
+    shifted = ids + shift if pad is None else torch.where(ids != pad, ids + shift, ids)
+    if not torch.compiler.is_compiling() and shifted.numel() and int(shifted.max()) >= module.num_embeddings:
+        raise ValueError(f"compat_prefix_shift_positions=True: prefix_length={shift} plus the sequence needs position "
+                         f"{int(shifted.max())}, but the model has {module.num_embeddings} learned positions; use "
+                         f"shorter inputs or compat_prefix_shift_positions=False")
+    return (shifted, *args[1:])
 
 
 def _eject(encoders: list[tuple[nn.Module, str]], layers: list[PrefixAttention], config: PrefixTuningConfig,
@@ -155,11 +161,18 @@ class PrefixTuningMethod(Method):
     def plan(self, config: PrefixTuningConfig, plan: "Plan") -> None:
         backbone = plan.backbone
         if config.compat_prefix_shift_positions:
-            positions = backbone.learned_positions()
-            if positions is None:
-                raise ValueError(f"compat_prefix_shift_positions=True is GPT-2 only (PEFT's past_key_values prefix "
-                                 f"shifts GPT-2's learned positions); this model is {backbone.family!r}")
-            plan.forward_pre_hook(positions, functools.partial(_shift_positions_hook, config.prefix_length))
+            learned = backbone.learned_positions()
+            if learned is None:
+                raise ValueError(f"compat_prefix_shift_positions=True needs learned absolute positions (GPT-2, "
+                                 f"RoBERTa, BERT: PEFT's past_key_values prefix shifts them); this model is "
+                                 f"{backbone.family!r}")
+            positions, pad = learned
+            first = (pad + 1 if pad is not None else 0) + config.prefix_length
+            if first >= positions.num_embeddings:
+                raise ValueError(f"compat_prefix_shift_positions=True with prefix_length={config.prefix_length}: real "
+                                 f"tokens would start at position {first}, past the model's {positions.num_embeddings} "
+                                 f"learned positions; allowed: prefix_length < {positions.num_embeddings - first + config.prefix_length}")
+            plan.forward_pre_hook(positions, functools.partial(_shift_positions_hook, config.prefix_length, pad))
         by_set: dict[str, list["AttentionSite"]] = {}
         for site in backbone.attention_sites(cross_attention=config.cross_attention):
             by_set.setdefault(site.prefix_set, []).append(site)

@@ -49,7 +49,7 @@ class PatchRecord:
     added_params: list[tuple[nn.Module, str, bool]] = field(default_factory=list)  # (module, name, slot existed)
     requires_grad: list[tuple[nn.Parameter, bool]] = field(default_factory=list)
     snapshots: list[tuple[nn.Parameter, torch.Tensor]] = field(default_factory=list)
-    attn_configs: list[tuple[object, str]] = field(default_factory=list)  # (transformers config, previous impl)
+    attn_configs: list[tuple[nn.Module, object]] = field(default_factory=list)  # (module, its original config)
     base_attrs: list[nn.Module] = field(default_factory=list)             # layers given attention.BASE_ATTR
     merges: list = field(default_factory=list)
     ejects: list = field(default_factory=list)
@@ -111,8 +111,19 @@ def _plan(model: nn.Module, backbone: Backbone, configs: list[KadaptConfig], man
     plan = Plan(model, backbone)
     for i, config in enumerate(configs):
         plan.include(config, f"[{i}] {config.method}" if many else config.method)
+    methods = " + ".join(c.method for c in configs)
     if plan.attention:
+        reason = backbone.attention_unsupported()
+        if reason is not None:
+            raise ValueError(f"{methods}: runs inside attention, which this {backbone.family!r} model does not let "
+                             f"kadapt do: {reason}")
         attention.check_implementations(model)
+    added = [p for _, _, m, _ in plan.modules.values() for p in m.parameters()]
+    added += [p for _, m, _ in plan.attention.values() for p in m.parameters()]
+    if not (added or plan.params or plan.train_existing):
+        raise ValueError(f"config: {methods} trains nothing on this {backbone.family!r} model (no site selected and "
+                         f"nothing unfrozen); check the fields that select sites (layers, drop_first, placement, "
+                         f"targets) and unfreeze_layer_norms")
     plan.train(p for h in backbone.task_heads() for p in h.parameters())
     return plan
 
@@ -193,8 +204,7 @@ def added_parameters(record: PatchRecord) -> set[nn.Parameter]:
 
 
 def _restore(model: nn.Module, record: PatchRecord) -> None:
-    for cfg, previous in record.attn_configs:
-        cfg._attn_implementation_internal = previous
+    attention.restore_configs(model, record.attn_configs)
     for module in record.base_attrs:
         module.__dict__.pop(attention.BASE_ATTR, None)
     for handle in record.hooks:
@@ -258,7 +268,7 @@ def _mergeable() -> str:
     return ", ".join(repr(c.method) for c, m in _IMPLEMENTATIONS.items() if m.mergeable)
 
 
-def merge(model: nn.Module) -> nn.Module:
+def merge(model: nn.Module, allow_new_biases: bool = False) -> nn.Module:
     """Fold linear methods (LoRA, kernel-mix; every part of a composite must be one) into the frozen
     weights and take them out.
 
@@ -268,6 +278,11 @@ def merge(model: nn.Module) -> nn.Module:
     removed and the requires_grad flags restored, as by ``unpatch``, but trained task heads keep their
     trained values. Afterwards the model is no longer patched (``unpatch`` raises) and computes the same
     function (up to rounding; exactly so in eval mode, where dropout is off).
+
+    A bias term (LoRA with ``lora_bias``, kernel-mix's head-wise biases) folds into the linear's bias. Where
+    the linear has none (T5, the Llama family) merge refuses, because a bias the architecture lacks is dropped
+    by ``save_pretrained`` / ``from_pretrained``; ``allow_new_biases=True`` adds it anyway (the merged model is
+    then exact in memory, but ``from_pretrained`` of its saved copy lacks those biases).
     """
     record = get_record(model)
     if record is None:
@@ -277,9 +292,19 @@ def merge(model: nn.Module) -> nn.Module:
         names = ", ".join(f"{p.config.method!r} ({type(p.config).__name__})" for p in blocked)
         raise ValueError(f"model is patched with method {names}, which cannot be merged into the weights; "
                          f"mergeable methods: {_mergeable()}")
+    if not isinstance(allow_new_biases, bool):
+        raise ValueError(f"allow_new_biases={allow_new_biases!r} must be a bool (True or False)")
+    if not allow_new_biases:
+        lacking = [lin for _, new_biases in record.merges if new_biases is not None for lin in new_biases()]
+        if lacking:
+            names = sorted({n for n, m in model.named_modules() if any(m is lin for lin in lacking)})
+            raise ValueError(f"merge would add a bias to {len(names)} linear(s) of this {type(model).__name__} that "
+                             f"have none (e.g. {names[0]}); save_pretrained/from_pretrained would drop it. Merge a "
+                             f"method without bias terms (LoRA lora_bias=False), keep the adapter unmerged "
+                             f"(kadapt.save_adapter), or pass allow_new_biases=True")
     known = {id(p) for p, _ in record.requires_grad}
     touched: list[nn.Module] = []
-    for fold in record.merges:  # in plan order: a later method sees the weights earlier ones folded
+    for fold, _ in record.merges:  # in plan order: a later method sees the weights earlier ones folded
         touched += fold()
     record.snapshots = []  # merge keeps what was trained (task heads)
     _restore(model, record)

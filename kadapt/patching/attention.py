@@ -11,6 +11,8 @@ attention never switch, so SDPA stays in place for them.
 """
 from __future__ import annotations
 
+import copy
+import functools
 import sys
 from typing import Callable
 
@@ -98,10 +100,35 @@ def check_implementations(model: nn.Module) -> None:
                          f"attn_implementation='sdpa' or 'eager'")
 
 
-def set_implementation(model: nn.Module, implementation: str) -> list[tuple[object, str]]:
-    """Set ``implementation`` on every config of ``model``; returns (config, previous) pairs for restoring."""
-    previous = []
-    for cfg in model_configs(model):
-        previous.append((cfg, cfg._attn_implementation_internal))
-        cfg._attn_implementation_internal = implementation
-    return previous
+def set_implementation(model: nn.Module, implementation: str) -> list[tuple[nn.Module, object]]:
+    """Give ``model`` private copies of its transformers configs with ``implementation`` set, so another model
+    built from the same config object is not switched too; returns the (module, original config) pairs that
+    ``restore_configs`` puts back."""
+    copies: dict[int, object] = {}
+    rebound = []
+    for m in model.modules():
+        cfg = m.__dict__.get("config")
+        if cfg is None or not hasattr(cfg, "_attn_implementation"):
+            continue
+        if id(cfg) not in copies:
+            private = copy.copy(cfg)
+            private._attn_implementation_internal = implementation
+            copies[id(cfg)] = private
+        m.__dict__["config"] = copies[id(cfg)]
+        rebound.append((m, cfg))
+    model.__dict__["set_attn_implementation"] = functools.partial(_refuse_switch, implementation)
+    return rebound
+
+
+def restore_configs(model: nn.Module, rebound: list[tuple[nn.Module, object]]) -> None:
+    for m, cfg in rebound:
+        m.__dict__["config"] = cfg
+    model.__dict__.pop("set_attn_implementation", None)
+
+
+def _refuse_switch(current: str, attn_implementation, *args, **kwargs) -> None:
+    if attn_implementation != current:
+        raise ValueError(f"set_attn_implementation({attn_implementation!r}): the model is patched by kadapt with a "
+                         f"method that runs inside attention (attn_implementation {current!r}); switching would "
+                         f"silently drop it. Call kadapt.unpatch(model) first, or load the model with the "
+                         f"implementation you want (kadapt runs on top of 'sdpa' or 'eager')")

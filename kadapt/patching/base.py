@@ -183,8 +183,13 @@ class Backbone:
         return [BiasSite(m, m.bias.shape[0], True) for part in self._body() for m in part.modules()
                 if isinstance(getattr(m, "bias", None), nn.Parameter)]
 
-    def learned_positions(self) -> nn.Module | None:
-        """The learned position embedding whose input is the position ids (GPT-2's wpe), or None."""
+    def learned_positions(self) -> tuple[nn.Module, int | None] | None:
+        """The learned position embedding whose input is the position ids (GPT-2's wpe, RoBERTa/BERT's
+        position_embeddings) and the padding position it keeps unshifted (RoBERTa's padding_idx), or None."""
+        return None
+
+    def attention_unsupported(self) -> str | None:
+        """Why methods that run inside attention (prefix, inducer) cannot run on this model, or None."""
         return None
 
     def task_heads(self) -> list[nn.Module]:

@@ -70,5 +70,10 @@ class GPT2Backbone(Backbone):
     def _body(self) -> list[nn.Module]:
         return [self.root]
 
-    def learned_positions(self) -> nn.Module:
-        return self.root.wpe
+    def learned_positions(self) -> tuple[nn.Module, None]:
+        return self.root.wpe, None
+
+    def attention_unsupported(self) -> str | None:
+        if getattr(self.root.config, "add_cross_attention", False):
+            return "add_cross_attention=True (kadapt supports GPT-2 self-attention only); load it without cross-attention"
+        return None

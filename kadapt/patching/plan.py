@@ -46,7 +46,7 @@ class Plan:
         self.train_existing: list[nn.Parameter] = []
         self.params: dict[tuple[int, str], tuple[nn.Module, str, nn.Parameter, str]] = {}
         self.attention: dict[int, tuple[nn.Module, nn.Module, str]] = {}  # layer id -> (layer, module, owner)
-        self.merges: list[Callable[[], list[nn.Module]]] = []
+        self.merges: list[tuple[Callable[[], list[nn.Module]], Callable[[], list[nn.Module]] | None]] = []
         self.ejects: list[Callable[["object"], None]] = []
         self._current: str = ""
 
@@ -121,9 +121,11 @@ class Plan:
         raise ValueError(f"methods {owner!r} and {self._current!r} both change attention in the same layer in ways "
                          f"that cannot be composed (at most one prefix and one inducer per layer)")
 
-    def on_merge(self, fold: Callable[[], list[nn.Module]]) -> None:
-        """``fold()`` writes the method into the frozen weights and returns the linears it touched."""
-        self.merges.append(fold)
+    def on_merge(self, fold: Callable[[], list[nn.Module]],
+                 new_biases: Callable[[], list[nn.Module]] | None = None) -> None:
+        """``fold()`` writes the method into the frozen weights and returns the linears it touched;
+        ``new_biases()`` names the linears the fold would give a bias they do not have (checked first)."""
+        self.merges.append((fold, new_biases))
 
     def on_eject(self, fn: Callable) -> None:
         """``fn(record)`` for ``kadapt.eject``."""

@@ -76,6 +76,18 @@ class RobertaBackbone(Backbone):
                                        sa.num_attention_heads, sa.attention_head_size))
         return sites
 
+    def learned_positions(self) -> tuple[nn.Module, int | None] | None:
+        emb = self.root.embeddings
+        if getattr(self.root.config, "position_embedding_type", "absolute") != "absolute":
+            return None
+        return emb.position_embeddings, getattr(emb, "padding_idx", None)  # RoBERTa keeps pads at padding_idx
+
+    def attention_unsupported(self) -> str | None:
+        if getattr(self.root.config, "add_cross_attention", False):
+            return ("add_cross_attention=True (kadapt supports RoBERTa/BERT self-attention only); load it without "
+                    "cross-attention")
+        return None
+
     def _body(self) -> list[nn.Module]:
         # The pretrained pooler is not part of the trained body (METHODS.md §3 counts exclude it).
         return [self.root.embeddings, self.root.encoder]
