@@ -18,7 +18,7 @@ from torch import nn
 
 from kadapt.methods.base import (KadaptConfig, Method, check_bool, check_choice, check_int, check_positive,
                                  is_integral, register)
-from kadapt.methods.common import glorot_sqrt2_, kaiming_sqrt5_
+from kadapt.methods.common import compute_input, glorot_sqrt2_, kaiming_sqrt5_
 from kadapt.ops import AdapterWeight, fused_adapter
 from kadapt.ops.activations import ACTIVATION_CODES
 
@@ -300,12 +300,16 @@ class BottleneckAdapter(nn.Module):
 
     def forward(self, f: torch.Tensor) -> torch.Tensor:
         wd, bd, wu, bu = self.down.factored(), self.down.bias, self.up.factored(), self.up.bias
+        g = compute_input(f, bd)
         if self.ln_pre is None and self.ln_post is None:
-            return fused_adapter(f, wd, bd, wu, bu, self.act, add_input=True)  # reads f once
-        x = f if self.ln_pre is None else self.ln_pre(f)
-        if self.ln_post is None:
-            return fused_adapter(x, wd, bd, wu, bu, self.act, residual=f)
-        return f + self.ln_post(fused_adapter(x, wd, bd, wu, bu, self.act))
+            out = fused_adapter(g, wd, bd, wu, bu, self.act, add_input=True)  # reads f once
+        else:
+            x = g if self.ln_pre is None else self.ln_pre(g)
+            if self.ln_post is None:
+                out = fused_adapter(x, wd, bd, wu, bu, self.act, residual=g)
+            else:
+                out = g + self.ln_post(fused_adapter(x, wd, bd, wu, bu, self.act))
+        return out.to(f.dtype)
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, bottleneck={self.bottleneck}, act={self.act}"

@@ -37,6 +37,16 @@ def factory(ref: torch.Tensor) -> dict:
     return {"device": ref.device, "dtype": dtype}
 
 
+def compute_input(x: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """x as a method computes with it: in the parameters' dtype, unless autocast is on for x's device (then the
+    ops follow autocast). Models mixing module dtypes (T5 loaded in fp16 keeps each FFN ``wo`` in fp32) hand a
+    method inputs of another dtype than its parameters."""
+    if x.dtype == param.dtype or (torch.amp.is_autocast_available(x.device.type)
+                                  and torch.is_autocast_enabled(x.device.type)):
+        return x
+    return x.to(param.dtype)
+
+
 # ---------------------------------------------------------------------------------------------- merging
 
 def x_weight(linear: nn.Module, cols: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor | None]:

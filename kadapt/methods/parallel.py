@@ -18,7 +18,7 @@ from torch import nn
 from kadapt.methods.base import (KadaptConfig, Method, check_bool, check_choice, check_dropout, check_int,
                                  check_positive, register)
 from kadapt.methods.bottleneck import ACTIVATIONS, PLACEMENTS, bottleneck_size
-from kadapt.methods.common import STASH, kaiming_sqrt5_
+from kadapt.methods.common import STASH, compute_input, kaiming_sqrt5_
 from kadapt.ops import fused_adapter
 from kadapt.ops.activations import activation
 
@@ -92,6 +92,7 @@ class ParallelAdapter(nn.Module):
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         """s·(φ(LN_pre(x) W_d + b_d) W_u + b_u)."""
+        x = compute_input(x, self.w_down)
         if self.ln_pre is not None:
             x = self.ln_pre(x)
         if self.dropout is not None and self.training:
