@@ -1,7 +1,7 @@
 """Fused-adapter microbenchmark: y = x + φ(x W_d + b_d) W_u + b_u for every weight kind and backend.
 
 Op under test: ``kadapt.ops.fused_adapter(x, w_down, b_down, w_up, b_up, "gelu_new", add_input=True)``
-(a sequential adapter, METHODS.md §2, §12.3–§12.4) with the weights given as ``AdapterWeight``s:
+(a sequential adapter, docs/methods.md §3, §12.3–§12.4) with the weights given as ``AdapterWeight``s:
 
   dense      Houlsby: W_d (D, m) and W_u (m, D)
   lowrank    W = l r, rank 1

@@ -2,7 +2,7 @@
 the eager concat-softmax reference; forward and forward+backward time and peak memory.
 
 Op under test: ``kadapt.ops.inducer_attention(q, k, v, A_k, a_k, B_k, b_k, scale, causal=True)`` -> (O, LSE, w),
-w = σ(s0 − LSE), s0 = c⟨q, q + φ(q)⟩, φ the per-head key MLP of width m_k (METHODS.md §8, §12.1). Shapes:
+w = σ(s0 − LSE), s0 = c⟨q, q + φ(q)⟩, φ the per-head key MLP of width m_k (docs/methods.md §14, §12.1). Shapes:
 q, k, v (B, H, L, d), T_q = T_k = L, causal, GPT-2 scale c = 1/√d, m_k = 10. Inputs ~ N(0, 1), key-MLP
 weights and biases ~ N(0, 0.1²), so w spans (0, 1) along a row (s0 ≈ c·d, LSE ≈ log(i + 1) + ½).
 

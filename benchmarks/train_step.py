@@ -3,7 +3,7 @@
 Models are built from configs with random weights (nothing downloaded): ``--size base`` gives the
 published shapes (GPT-2 small, RoBERTa-base, T5-base), ``--size tiny`` a 2-layer toy for a smoke run.
 Writes a CSV and a PNG under ``--out`` (default benchmarks/results/) and prints a table with each
-method's time relative to full fine-tuning, the Compacter paper's Δtime (METHODS.md §13).
+method's time relative to full fine-tuning, the Compacter paper's Δtime (docs/methods.md §15).
 
     python benchmarks/train_step.py --family t5 --size base --device cuda --dtype bf16
     python benchmarks/train_step.py --family gpt2 --size tiny --steps 3   # CPU smoke run

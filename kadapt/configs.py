@@ -31,7 +31,7 @@ __all__ = [
 ]
 
 _PRESETS: dict[str, Any] = {
-    # METHODS.md §10 / §5: the Compacter paper's T5-base configurations.
+    # docs/methods.md §15 / §5: the Compacter paper's T5-base configurations.
     "compacter_paper.adapter": lambda: AdapterConfig(),
     "compacter_paper.pfeiffer": lambda: PfeifferConfig(placement="attn"),
     "compacter_paper.adapterdrop": lambda: AdapterConfig(drop_first=5),
@@ -40,16 +40,16 @@ _PRESETS: dict[str, Any] = {
     "compacter_paper.compacter": lambda: CompacterConfig(),
     "compacter_paper.compacter++": lambda: CompacterPlusPlusConfig(),
     "compacter_paper.bitfit": lambda: BitFitConfig(compat_bitfit_skip_final_ln=True),
-    # METHODS.md §9: kernel-adapters GPT-2 NLG `pfeiffer-adapter` (sequential at attn_out, m = 108).
+    # docs/methods.md §15: kernel-adapters GPT-2 NLG `pfeiffer-adapter` (sequential at attn_out, m = 108).
     "kernel_adapters.nlg.pfeiffer-adapter": lambda: PfeifferConfig(
         placement="attn", reduction_factor=7.11, ln_pre=True, activation="relu", init="torch_default",
         unfreeze_layer_norms=False),
-    # METHODS.md §9: kernel-adapters kernel-mix, GPT-2 NLG (kernel-mix.json) and RoBERTa NLU (intended ranks).
+    # docs/methods.md §15: kernel-adapters kernel-mix, GPT-2 NLG (kernel-mix.json) and RoBERTa NLU (intended ranks).
     "kernel_adapters.nlg.kernel-mix": lambda: KernelMixConfig(r_q=3, r_qs=12, r_v=8, r_vs=8, dropout=0.1,
                                                               init="houlsby"),
     "kernel_adapters.nlu.kernel-mix": lambda: KernelMixConfig(r_q=1, r_qs=2, r_v=2, r_vs=4, dropout=0.1,
                                                               init="houlsby"),
-    # METHODS.md §9: kernel-adapters inducer presets. GPT-2 NLG: LoRA-Q α = 32, p = 0.1, bias; parallel FFN
+    # docs/methods.md §15: kernel-adapters inducer presets. GPT-2 NLG: LoRA-Q α = 32, p = 0.1, bias; parallel FFN
     # adapter m = 42 (rf 18.2), LN_pre, ReLU, s = 1, torch_default init.
     "kernel_adapters.nlg.inducer-no-lora": lambda: InducerTuningConfig(key_width=10, value_width=15),
     "kernel_adapters.nlg.inducer-lora": lambda: InducerTuningConfig(

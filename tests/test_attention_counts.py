@@ -1,4 +1,4 @@
-"""Exact METHODS.md §7 and §9 parameter budgets of the attention-side methods (prefix, inducer, MAM),
+"""Exact docs/methods.md §11 and §9 parameter budgets of the attention-side methods (prefix, inducer, MAM),
 asserted as integers on GPT-2 small and RoBERTa-base built on the meta device (nothing downloaded)."""
 import pytest
 

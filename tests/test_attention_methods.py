@@ -2,7 +2,7 @@
 
 - Prefix tuning equals an independent formulation: the unpatched model given the prefixes as a pre-filled
   KV cache with explicit positions (GPT-2), on the SDPA and the eager implementation.
-- The inducer layer equals the seed's concat-softmax formulation written here from METHODS.md §8
+- The inducer layer equals the seed's concat-softmax formulation written here from docs/methods.md §14
   (column 0 = the inducer, softmax over T_k + 1 columns), for every option, with causal and padding masks
   and an additive (T5) bias.
 - Reference and Triton backends agree through the whole model, forward and every trainable gradient.
@@ -83,7 +83,7 @@ def test_gpt2_prefix_equals_prefilled_cache(implementation, padded):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# the inducer layer = the concat-softmax formulation (METHODS.md §8), written independently here
+# the inducer layer = the concat-softmax formulation (docs/methods.md §14), written independently here
 
 def _concat_inducer(layer: InducerAttention, q, k, v, scale, keep, bias):
     """Logits [s0 | s] over T_k + 1 columns; w = column 0; O = real columns renormalised (or, gated, the

@@ -1,4 +1,4 @@
-"""Exact trainable-parameter integers of METHODS.md §5 (T5-base), §3 and §9 (GPT-2 small, RoBERTa-base)."""
+"""Exact trainable-parameter integers of docs/methods.md §4 (T5-base), §3 and §9 (GPT-2 small, RoBERTa-base)."""
 import pytest
 
 import kadapt
@@ -7,7 +7,7 @@ from _models import gpt2_small_meta, roberta_base_meta, t5_base_meta
 T5_BASE = 222_882_048
 T5_LN = 47_616
 
-# method -> (config, trainable, % rounded to 3 places, 8-task ratio rounded to 3 places); METHODS.md §5.
+# method -> (config, trainable, % rounded to 3 places, 8-task ratio rounded to 3 places); docs/methods.md §4.
 T5_TABLE = {
     "adapter": (lambda: kadapt.AdapterConfig(), 1_855_104, 0.832, 1.065),
     "pfeiffer": (lambda: kadapt.preset("compacter_paper.pfeiffer"), 951_360, 0.427, 1.032),

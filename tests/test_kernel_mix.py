@@ -1,4 +1,4 @@
-"""Kernel-mix (METHODS.md §6, §9): exact budgets, placement, the per-part formulas against a direct
+"""Kernel-mix (docs/methods.md §9, §9): exact budgets, placement, the per-part formulas against a direct
 computation, init, gradients, patch/unpatch, kadapt.merge equality, save/load and bad configs on tiny
 models of every family. Nothing is downloaded."""
 import math

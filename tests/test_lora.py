@@ -1,4 +1,4 @@
-"""Plain LoRA (METHODS.md §6) and kadapt.merge: counts, placement, init, gradients, patch/unpatch,
+"""Plain LoRA (docs/methods.md §9) and kadapt.merge: counts, placement, init, gradients, patch/unpatch,
 merge equality, save/load and bad configs on tiny models of every family. Nothing is downloaded."""
 import math
 

@@ -1,4 +1,4 @@
-"""Parallel adapter (He et al.; METHODS.md §7): counts, the §1 addition sites, init, gradients,
+"""Parallel adapter (He et al.; docs/methods.md §11): counts, the §1 addition sites, init, gradients,
 patch/unpatch, save/load and bad configs on tiny models of every family. Nothing is downloaded."""
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""patch / unpatch / save / load behaviour on tiny models of every family (METHODS.md §1–§3)."""
+"""patch / unpatch / save / load behaviour on tiny models of every family (docs/methods.md §2–§3)."""
 import copy
 
 import pytest
@@ -152,14 +152,14 @@ def test_phm_weight_is_sum_of_kronecker_products():
         expected = sum(torch.kron(a[i], b[i]) for i in range(4))
         torch.testing.assert_close(proj.weight(), expected, rtol=0, atol=1e-6)
         x = torch.randn(5, 24)
-        # Structured form (METHODS.md §12.3): y_t = Σ_i A_iᵀ X_t B_i with X_t the (n, in/n) reshape.
+        # Structured form (docs/methods.md §17): y_t = Σ_i A_iᵀ X_t B_i with X_t the (n, in/n) reshape.
         structured = torch.einsum("ica,tck,ikp->tap", a, x.view(5, 4, 6), b).reshape(5, 12)
         torch.testing.assert_close(x @ proj.weight(), structured, rtol=1e-5, atol=1e-5)
 
 
 def test_init_bounds_match_spec():
     torch.manual_seed(0)
-    # Compacter on T5-base: s_i 192×1 within ±0.2494, t_i 1×6 within ±1.3093 (METHODS.md §2).
+    # Compacter on T5-base: s_i 192×1 within ±0.2494, t_i 1×6 within ±1.3093 (docs/methods.md §3).
     p = PHMProjection(768, 24, 4, 1, {}, own_rule=PHMRule(4, "normal", 1e-4, {}))
     assert 0.2 < p.phm_s.abs().max() <= 0.2494 and 1.0 < p.phm_t.abs().max() <= 1.3093
     assert p.rule_tensor().std() < 1e-3

@@ -1,4 +1,4 @@
-"""BitFit (docs/methods.md; METHODS.md §3): train only biases. Where a family's linears or norms carry a
+"""BitFit (docs/methods.md §5): train only biases. Where a family's linears or norms carry a
 bias it trains; where they do not (T5, the Llama family) a zero bias is added and trains (norms without a
 bias, e.g. RMSNorm, get an additive bias after their scale through a forward hook)."""
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Bottleneck-adapter family (docs/methods.md; METHODS.md §2): Houlsby/Pfeiffer (dense), low-rank, PHM and
+"""Bottleneck-adapter family (docs/methods.md §3): Houlsby/Pfeiffer (dense), low-rank, PHM and
 Compacter, with AdapterDrop through ``layers`` / ``drop_first``.
 
 Every projection exposes ``factored()`` (its factors as a kadapt.ops.AdapterWeight), ``weight()``
@@ -45,7 +45,7 @@ def bottleneck_size(bottleneck_dim: int | None, reduction_factor: float, hidden_
 
 @dataclass
 class BottleneckConfig(KadaptConfig):
-    """Fields shared by the bottleneck-adapter family (§2).
+    """Fields shared by the bottleneck-adapter family (docs/methods.md §3–4).
 
     Attributes:
         reduction_factor: m = int(D // reduction_factor); may be a float (the kernel-adapters presets

@@ -1,4 +1,4 @@
-"""Inducer-tuning (docs/methods.md; METHODS.md §8; arXiv 2210.14469) in one attention layer.
+"""Inducer-tuning (docs/methods.md §14; arXiv 2210.14469) in one attention layer.
 
 Parameters (H query heads of width d, model width D, m_k = key width, m_v = value width; all tn01):
 
@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 
 @dataclass
 class InducerTuningConfig(KadaptConfig):
-    """Inducer-tuning (METHODS.md §8; arXiv 2210.14469): one query-specific inducer key per head.
+    """Inducer-tuning (docs/methods.md §14; arXiv 2210.14469): one query-specific inducer key per head.
 
     Key MLP (residual) p = q + φ(q), φ(q) = tanh(q A^k + a^k) B^k + b^k of width m_k = ``key_width``
     (0: identity key p = q); logit s0 = c⟨q, p⟩; weight w = σ(s0 − LSE) over the real keys; w̃ = Drop(w)
@@ -52,15 +52,15 @@ class InducerTuningConfig(KadaptConfig):
     ``lora`` (a LoRAConfig, e.g. Q only) and ``parallel_adapter`` (a ParallelAdapterConfig) add those
     methods alongside, as the kernel-adapters presets do (inducer-lora, inducer-mam); ``kernel_mix`` (a
     KernelMixConfig: the inducer then sees the corrected q) and ``prefix`` (a PrefixTuningConfig: the
-    prefix keys enter the inducer's LSE) compose as METHODS.md §9 says. Self-attention everywhere; T5
+    prefix keys enter the inducer's LSE) compose as docs/methods.md §15 says. Self-attention everywhere; T5
     cross-attention with ``cross_attention=True``.
 
-    ``ablation`` (§8 item 12): "mh_adapter" (w ≡ 1: the model's own attention plus the value term, a
+    ``ablation`` (docs/methods.md §14): "mh_adapter" (w ≡ 1: the model's own attention plus the value term, a
     multi-head adapter) or "value_gating" (key = q; the extension gated by the undropped w, plus per-key
     values g(k_j) = tanh(k_j A′_h + a′_h) mixed with (1 − w_i) P_ij and projected by B′_h ∈ R^{m_v×D} + b′;
     fused as one attention over the value [v | g(k)]); both need key_width=0 and value_extension=True.
 
-    ``compat_inducer_lse_with_padding`` (METHODS.md §11 quirk 7, for parity with the published NLU numbers,
+    ``compat_inducer_lse_with_padding`` (docs/methods.md §16 quirk 7, for parity with the published NLU numbers,
     which pad to 512): w = σ(s0 − LSE*) with LSE* over the padded keys too, as the seed's joint softmax
     before the padding mask does; O is unchanged. Costs a second attention pass over unmasked keys.
     """
@@ -118,7 +118,7 @@ class InducerAttention(nn.Module):
                  lse_with_padding: bool = False, ablation: str = "none"):
         super().__init__()
         self.lse_with_padding = lse_with_padding  # quirk 7: w from an LSE that includes padded keys
-        self.ablation = ablation                  # §8.12: "mh_adapter" (w ≡ 1) or "value_gating"
+        self.ablation = ablation                  # docs/methods.md §14: "mh_adapter" (w ≡ 1) or "value_gating"
         D, H, d, mk, mv = model_dim, heads, head_dim, key_width, value_width
         self.model_dim, self.heads, self.head_dim = D, H, d
         self.key_width, self.value_width = mk, mv
@@ -138,7 +138,7 @@ class InducerAttention(nn.Module):
             p = nn.Parameter(torch.empty(*shape, **factory))
             tn01_(p)
             self.register_parameter(name, p)
-        self.prefix: nn.Module | None = None      # a PrefixAttention when prefix tuning coexists (§9)
+        self.prefix: nn.Module | None = None      # a PrefixAttention when prefix tuning coexists (docs/methods.md §15)
 
     accepts_extension = True  # a key extension (prefix) runs inside: its keys enter the LSE
 
@@ -155,7 +155,7 @@ class InducerAttention(nn.Module):
         return (self.key_a, self.key_a_bias, self.key_b, self.key_b_bias)
 
     def forward(self, module: nn.Module, query, key, value, mask, *, scaling, dropout, base=None, **kwargs):
-        if self.prefix is not None:  # the prefix keys enter the LSE (METHODS.md §9)
+        if self.prefix is not None:  # the prefix keys enter the LSE (docs/methods.md §15)
             key, value, mask, kwargs = self.prefix.extend(query, key, value, mask, kwargs)
         gate_delta = None
         if self.ablation == "mh_adapter":  # w ≡ 1: the model's own attention, plus the value term
@@ -168,7 +168,7 @@ class InducerAttention(nn.Module):
         mlp = tuple(None if t is None else t.to(query.dtype) for t in self.key_mlp())
         common = dict(scale=scaling, causal=causal, attn_mask=attn_mask, attn_bias=bias)
         if self.ablation == "value_gating":
-            # [v | g(k)] as one value of width d + m (METHODS.md §8.12): q and k get m zero columns, which leave
+            # [v | g(k)] as one value of width d + m (docs/methods.md §14): q and k get m zero columns, which leave
             # every logit, s0 and the LSE unchanged, so one fused pass gives O and Σ_j P_ij g(k_j).
             m = self.value_width
             g = torch.tanh(torch.einsum("bhtd,hdm->bhtm", key, self.gate_a.to(key.dtype))
@@ -187,7 +187,7 @@ class InducerAttention(nn.Module):
                                     dropout_p=float(dropout), **common)
         if compat:
             # The seed's joint softmax ran before the padding mask: w = σ(s0 − LSE*), LSE* over padded keys too
-            # (exact gradients: padded keys get only the LSE* term, METHODS.md §12.1 "padding parity").
+            # (exact gradients: padded keys get only the LSE* term, docs/methods.md §17 "padding parity").
             _, _, w = inducer_attention(query, key, value, *mlp, **common)
             if self.gating:
                 o = (1 - w)[..., None].to(o.dtype) * o

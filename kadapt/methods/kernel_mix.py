@@ -1,4 +1,4 @@
-"""Kernel-mix (docs/methods.md; METHODS.md §6; arXiv 2205.03720): head-wise plus shared LoRA on Q, V and O.
+"""Kernel-mix (docs/methods.md §9; arXiv 2205.03720): head-wise plus shared LoRA on Q, V and O.
 
 One ``KernelMix`` module per attention layer (H query heads and H_kv key/value heads of width d, model width
 D; H_kv = H without grouped-query attention):
@@ -40,7 +40,7 @@ KERNEL_MIX_ATTR = "kadapt_kernel_mix"
 
 @dataclass
 class KernelMixConfig(KadaptConfig):
-    """Kernel-mix (METHODS.md §6; arXiv 2205.03720): head-wise and shared LoRA on Q, V and O of every
+    """Kernel-mix (docs/methods.md §9; arXiv 2205.03720): head-wise and shared LoRA on Q, V and O of every
     self-attention layer (T5: encoder self and decoder self; cross-attention with ``cross_attention=True``).
 
     Q: ΔQ_h = δ(X) A^Q_h B^Q_h + b^Q_h (rank ``r_q``) and ΔQ += δ(X) A^Qs B^Qs (rank ``r_qs``).
@@ -50,7 +50,7 @@ class KernelMixConfig(KadaptConfig):
     Head-wise terms (biases included) are scaled by ``scale_head``, shared ones by ``scale_shared``.
     A rank of 0 disables its part. ``dropout`` p: an independent mask per part on each base input.
     ``init``: "houlsby" (every A, B, b tn01) or "lora" (A kaiming√5, B and b zero: output unchanged at
-    init). Defaults: the GPT-2 NLG ``kernel-mix`` preset ranks (§9). Foldable with ``kadapt.merge``.
+    init). Defaults: the GPT-2 NLG ``kernel-mix`` preset ranks (docs/methods.md §15). Foldable with ``kadapt.merge``.
     """
 
     method: ClassVar[str] = "kernel_mix"

@@ -1,4 +1,4 @@
-"""Plain LoRA (docs/methods.md; METHODS.md §6): y ← y + s·(Drop_p(x) A B + b_L), A ∈ R^{in×r},
+"""Plain LoRA (docs/methods.md §9): y ← y + s·(Drop_p(x) A B + b_L), A ∈ R^{in×r},
 B ∈ R^{r×out}, s = α/r.
 
 One ``LoRA`` module per patched linear. It holds one ``LoRABranch`` per target that linear serves
@@ -31,7 +31,7 @@ LORA_TARGETS = ("q", "k", "v", "o", "ffn_in", "ffn_out")
 
 @dataclass
 class LoRAConfig(KadaptConfig):
-    """Plain LoRA (METHODS.md §6): y ← y + s·(Drop_p(x) A B + b_L), s = alpha / r.
+    """Plain LoRA (docs/methods.md §9): y ← y + s·(Drop_p(x) A B + b_L), s = alpha / r.
 
     ``targets``: any of ``LORA_TARGETS``. "q"/"k"/"v" are the query/key/value projections (on GPT-2
     the column slices [0:D], [D:2D], [2D:3D] of the fused ``c_attn``), "o" the attention output

@@ -1,4 +1,4 @@
-"""MAM, the mix-and-match adapter (He et al.; docs/methods.md; METHODS.md §9): prefix tuning at
+"""MAM, the mix-and-match adapter (He et al.; docs/methods.md; docs/methods.md §15): prefix tuning at
 self-attention plus a scaled parallel FFN adapter, each planned as its own method."""
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 
 @dataclass
 class MAMConfig(KadaptConfig):
-    """Mix-and-match adapter (He et al.; METHODS.md §9): prefix tuning at self-attention (``prefix``) plus
+    """Mix-and-match adapter (He et al.; docs/methods.md §15): prefix tuning at self-attention (``prefix``) plus
     a scaled parallel FFN adapter (``parallel_adapter``, placement "ffn")."""
 
     method: ClassVar[str] = "mam"

@@ -1,4 +1,4 @@
-"""Parallel adapter (He et al.; docs/methods.md; METHODS.md §7): f ← f + s·(φ(LN_pre(x) W_d + b_d) W_u + b_u).
+"""Parallel adapter (He et al.; docs/methods.md; docs/methods.md §11): f ← f + s·(φ(LN_pre(x) W_d + b_d) W_u + b_u).
 
 x is the sub-layer input, f the sub-layer output at the addition site. Where one module reads x and writes
 f (T5's DenseReluDense, the Llama MLP) one forward hook does it all; otherwise a forward pre-hook on the
@@ -30,7 +30,7 @@ PARALLEL_ATTR = "kadapt_parallel"
 
 @dataclass
 class ParallelAdapterConfig(KadaptConfig):
-    """Parallel adapter (He et al.; METHODS.md §7): f ← f + s·(φ(LN_pre(x) W_d + b_d) W_u + b_u), x the
+    """Parallel adapter (He et al.; docs/methods.md §11): f ← f + s·(φ(LN_pre(x) W_d + b_d) W_u + b_u), x the
     sub-layer input (``ffn_in``, or ``attn_in`` for placement "attn"), added at ``ffn_out`` / ``attn_out``
     (GPT-2, T5: before the sub-layer dropout; RoBERTa/BERT: after it, before the residual LayerNorm).
     Never on T5 cross-attention.

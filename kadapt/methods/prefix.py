@@ -1,4 +1,4 @@
-"""Prefix tuning (Li & Liang; He et al.; docs/methods.md; METHODS.md §7).
+"""Prefix tuning (Li & Liang; He et al.; docs/methods.md; docs/methods.md §11).
 
 One ``PrefixEncoder`` per prefix set (GPT-2, RoBERTa and the Llama family: one; T5: encoder self, decoder
 self, cross) computes M = tanh(E W_1 + b_1) W_2 + b_2, E ∈ R^{P×D}, W_2 ∈ R^{m_p×2N_b·W}, W the key/value
@@ -31,7 +31,7 @@ PREFIX_ATTR = "kadapt_prefix_"  # + prefix set name, on the model root
 
 @dataclass
 class PrefixTuningConfig(KadaptConfig):
-    """Prefix tuning (Li & Liang; He et al.; METHODS.md §7): every self-attention layer attends to
+    """Prefix tuning (Li & Liang; He et al.; docs/methods.md §11): every self-attention layer attends to
     ``prefix_length`` (P) extra keys and values in front of its own, [K_P; K] and [V_P; V].
 
     With ``reparameterize`` (the default) the prefixes are M = tanh(E W_1 + b_1) W_2 + b_2, E ∈ R^{P×D},
@@ -41,7 +41,7 @@ class PrefixTuningConfig(KadaptConfig):
     padding mask), get no position embedding and zero T5 relative bias; nothing is stored in the KV cache.
     T5: one set each for encoder self-, decoder self- and (``cross_attention``, default on) cross-attention.
     Defaults P = 30, m_p = 512 (generic); preset ``he2022_mam_roberta`` uses P = 16, m_p = 800.
-    ``compat_prefix_shift_positions`` (GPT-2 only; METHODS.md §11 quirk 17): real-token positions start at
+    ``compat_prefix_shift_positions`` (GPT-2 only; docs/methods.md §16 quirk 17): real-token positions start at
     P, as when the prefix is fed through ``past_key_values`` (PEFT); needed for exact PEFT export.
     """
 

@@ -49,7 +49,7 @@ class LinearSite:
 @dataclass
 class ParallelSite:
     """A parallel-adapter site: ``source``'s forward input (args[0]) is the sub-layer input x, and
-    ``target``'s forward output is f at the addition site (METHODS.md §1)."""
+    ``target``'s forward output is f at the addition site (docs/methods.md §2)."""
 
     stack: str
     block: int
@@ -61,7 +61,7 @@ class ParallelSite:
 
 @dataclass
 class KernelMixSite:
-    """One attention layer for kernel-mix (METHODS.md §6). ``q``, ``k``, ``v``, ``o``: (module, output
+    """One attention layer for kernel-mix (docs/methods.md §9). ``q``, ``k``, ``v``, ``o``: (module, output
     columns [start, stop)) of each projection; on GPT-2 q, k and v are slices of the fused ``c_attn``.
     The forward input of q/v is X, of o the merged heads. ``owner`` holds the KernelMix module."""
 
@@ -89,7 +89,7 @@ class KernelMixSite:
 class AttentionSite:
     """One attention layer for the attention-side methods (prefix, inducer). ``module`` is the module that
     calls transformers' attention interface (kadapt.patching.attention); ``o`` its output projection, whose
-    output is attn_out (before the sub-layer dropout, METHODS.md §1). ``kind``: "self" | "cross"."""
+    output is attn_out (before the sub-layer dropout, docs/methods.md §2). ``kind``: "self" | "cross"."""
 
     stack: str
     block: int

@@ -1,5 +1,5 @@
 """RoBERTa and BERT: post-LN blocks. Bottleneck adapters act after the sub-layer dropout (Houlsby
-BERT order, METHODS.md §1), so the hook point is the dropout of SelfOutput / Output."""
+BERT order, docs/methods.md §2), so the hook point is the dropout of SelfOutput / Output."""
 from __future__ import annotations
 
 from torch import nn
@@ -89,5 +89,5 @@ class RobertaBackbone(Backbone):
         return None
 
     def _body(self) -> list[nn.Module]:
-        # The pretrained pooler is not part of the trained body (METHODS.md §3 counts exclude it).
+        # The pretrained pooler is not part of the trained body (docs/methods.md §5 counts exclude it).
         return [self.root.embeddings, self.root.encoder]

@@ -1,6 +1,6 @@
 """T5: pre-RMSNorm blocks in an encoder and a decoder stack. attn_out = self-attention ``o``;
 ffn_out = the DenseReluDense output (both before the sub-layer dropout). Cross-attention gets no
-bottleneck adapters (METHODS.md §1)."""
+bottleneck adapters (docs/methods.md §2)."""
 from __future__ import annotations
 
 from torch import nn
@@ -46,7 +46,7 @@ class T5Backbone(Backbone):
         return sites
 
     def linear_sites(self, targets: tuple[str, ...]) -> list[LinearSite]:
-        # Every attention module: encoder self, decoder self and cross (METHODS.md §1, PEFT convention).
+        # Every attention module: encoder self, decoder self and cross (docs/methods.md §2, PEFT convention).
         sites = []
         for name, stack in self.stack_modules.items():
             for i, block in enumerate(stack.block):
