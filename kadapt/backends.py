@@ -1,8 +1,9 @@
 """Backend selection: which implementation runs a fused op.
 
-``auto`` picks per call, on CUDA tensors, the fused backends in the op's own order (its ``AUTO_ORDER``:
-Triton before the CUDA extension for every op today, the order measured fastest on a GPU), skipping one
-that cannot take the inputs; on CPU tensors, the reference. A forced backend is honoured or refused,
+``auto`` picks per call, on CUDA tensors, the fused backends in the op's own order (``resolve``'s
+``order``: the fused adapter and the inducer attention try Triton first, measured faster on a GPU; the PHM
+ops keep the default, the CUDA extension first), skipping one that cannot take the inputs; on CPU tensors,
+the reference. A forced backend is honoured or refused,
 never swapped for another one.
 """
 from __future__ import annotations
