@@ -172,3 +172,27 @@ def lm_losses(model: torch.nn.Module, steps: int = 20, lr: float = 1e-2) -> list
         opt.step()
         losses.append(loss.item())
     return losses
+
+
+def cache_kwargs(model: torch.nn.Module, cache) -> dict:
+    """The KV cache as the model's forward takes it: ``cache=`` (transformers ≥ 5.2x; ``past_key_values`` is
+    deprecated for removal in 5.40) or ``past_key_values=`` (older 5.x, e.g. 5.17 on the GPU machine)."""
+    import inspect
+
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return {name: cache}
+
+
+def returned_cache(out):
+    """The cache a forward returned (``cache`` where the output has it, else ``past_key_values``)."""
+    return getattr(out, "cache", None) if getattr(out, "cache", None) is not None else out.past_key_values
+
+
+def enable_checkpointing(model: torch.nn.Module) -> None:
+    """Activation (gradient) checkpointing under the name this transformers has: activation_checkpointing_enable
+    (5.2x; gradient_checkpointing_enable is deprecated for v6) or gradient_checkpointing_enable (5.17)."""
+    options = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=options)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)

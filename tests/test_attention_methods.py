@@ -15,7 +15,7 @@ import torch
 from transformers import DynamicCache
 
 import kadapt
-from _models import inputs, output, perturb_trainables, tiny
+from _models import cache_kwargs, enable_checkpointing, inputs, output, perturb_trainables, tiny
 from kadapt.methods.attention import KadaptMask
 from kadapt.methods.inducer import InducerAttention
 
@@ -76,7 +76,7 @@ def test_gpt2_prefix_equals_prefilled_cache(implementation, padded):
     for layer, (kp, vp) in enumerate(prefixes):
         cache.update(kp.detach().expand(B, -1, -1, -1), vp.detach().expand(B, -1, -1, -1), layer)
     mask = torch.cat([torch.ones(B, P, dtype=kw["attention_mask"].dtype), kw["attention_mask"]], 1)
-    want = model(input_ids=kw["input_ids"], attention_mask=mask, past_key_values=cache,
+    want = model(input_ids=kw["input_ids"], attention_mask=mask, **cache_kwargs(model, cache),
                  position_ids=torch.arange(T)[None].expand(B, T)).logits
     valid = kw["attention_mask"].bool()
     torch.testing.assert_close(got[valid], want[valid], rtol=1e-5, atol=1e-5)
@@ -252,7 +252,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(family, name):
     params = [p for p in model.parameters() if p.requires_grad]
     out = output(model, family, **kw)
     g_plain = torch.autograd.grad(out.square().sum(), params)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable_checkpointing(model)
     out_ckpt = output(model, family, **kw)
     g_ckpt = torch.autograd.grad(out_ckpt.square().sum(), params)
     torch.testing.assert_close(out_ckpt, out)
@@ -550,7 +550,7 @@ def test_gpt2_prefix_shift_positions_equals_peft_style_cache():
     for layer, (kp, vp) in enumerate(prefixes):
         cache.update(kp.detach().expand(B, -1, -1, -1), vp.detach().expand(B, -1, -1, -1), layer)
     mask = torch.cat([torch.ones(B, P, dtype=kw["attention_mask"].dtype), kw["attention_mask"]], 1)
-    want = model(input_ids=kw["input_ids"], attention_mask=mask, past_key_values=cache).logits
+    want = model(input_ids=kw["input_ids"], attention_mask=mask, **cache_kwargs(model, cache)).logits
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="compat_prefix_shift_positions=True needs learned absolute positions"):
         kadapt.patch(tiny("t5"), kadapt.PrefixTuningConfig(compat_prefix_shift_positions=True))

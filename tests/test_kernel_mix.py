@@ -9,7 +9,7 @@ import torch
 import kadapt
 from kadapt.methods.kernel_mix import KernelMix
 from kadapt.patching import is_patched
-from _models import (FAMILIES, check_merge, check_save_load, check_unpatch_restores, gpt2_small_meta, inputs, lm_losses,
+from _models import (FAMILIES, cache_kwargs, returned_cache, check_merge, check_save_load, check_unpatch_restores, gpt2_small_meta, inputs, lm_losses,
                      output, perturb_trainables as _perturb, roberta_base_meta, t5_base_meta, tiny)
 
 PARTS = {  # parameter names of each §6 part
@@ -250,8 +250,8 @@ def test_kv_cache_decoding_matches_the_full_forward(family):
         past, steps = None, []
         for t in range(ids.shape[1]):
             key = "decoder_input_ids" if family == "t5" else "input_ids"
-            out = model(**extra, **{key: ids[:, t:t + 1]}, past_key_values=past, use_cache=True)
-            past = out.past_key_values
+            out = model(**extra, **{key: ids[:, t:t + 1]}, **cache_kwargs(model, past), use_cache=True)
+            past = returned_cache(out)
             steps.append(out.logits)
     torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-4, atol=1e-5)
 
