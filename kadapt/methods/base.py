@@ -155,6 +155,11 @@ def register(*config_classes: type[KadaptConfig]):
     return wrap
 
 
+def registered_with(flag: str) -> list[str]:
+    """Names of the registered methods whose Method sets ``flag`` ("mergeable", "ejectable")."""
+    return [cls.method for cls, m in _IMPLEMENTATIONS.items() if getattr(m, flag)]
+
+
 def implementation(config: KadaptConfig) -> Method:
     """The registered Method for ``config``; ValueError for an unregistered config class."""
     method = _IMPLEMENTATIONS.get(type(config))

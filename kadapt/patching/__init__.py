@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 import kadapt.methods  # noqa: F401  (registers every method)
-from kadapt.methods.base import METHODS, KadaptConfig, implementation
+from kadapt.methods.base import METHODS, KadaptConfig, implementation, registered_with
 from kadapt.patching import attention
 from kadapt.patching.base import Backbone
 from kadapt.patching.gpt2 import GPT2Backbone
@@ -238,15 +238,14 @@ def unpatch(model: nn.Module) -> nn.Module:
 
 
 def _ejectable() -> str:
-    from kadapt.methods.base import _IMPLEMENTATIONS
-    return ", ".join(repr(c.method) for c, m in _IMPLEMENTATIONS.items() if m.ejectable)
+    return ", ".join(map(repr, registered_with("ejectable")))
 
 
 def eject(model: nn.Module) -> nn.Module:
-    """Drop training-time reparameterisations that inference does not need, keeping the function: prefix
-    tuning (also inside MAM or the inducer) caches every layer's prefix as trainable (H, P, d) key and value
-    parameters and drops its MLPs. The recorded config becomes ``reparameterize=False``, so
-    ``save_adapter`` / ``load_adapter`` round-trip the ejected form."""
+    """Drop training-time reparameterisations that inference does not need, keeping the function: every
+    part of the patch that registered an eject runs it (prefix tuning, also nested in another method: it
+    caches each layer's prefix as trainable (H_kv, P, d) key and value parameters, drops its MLPs and records
+    ``reparameterize=False``, so ``save_adapter`` / ``load_adapter`` round-trip the ejected form)."""
     record = get_record(model)
     if record is None:
         raise ValueError("model is not patched by kadapt (nothing to eject)")
@@ -254,9 +253,8 @@ def eject(model: nn.Module) -> nn.Module:
         if any(implementation(p.config).ejectable for p in record.parts):
             raise ValueError(f"model is patched with {record.methods}, already ejected (reparameterize=False): "
                              f"there is no MLP to drop")
-        raise ValueError(f"model is patched with method {record.methods!r} without a prefix: nothing to eject; "
-                         f"methods with something to eject: {_ejectable()} (also inside 'mam' and "
-                         f"'inducer_tuning' with prefix=...)")
+        raise ValueError(f"model is patched with method {record.methods!r}, which has nothing to eject; methods "
+                         f"with something to eject: {_ejectable()} (also when nested in another method's config)")
     for fn in record.ejects:
         fn(record)
     record.ejects = []
@@ -264,8 +262,7 @@ def eject(model: nn.Module) -> nn.Module:
 
 
 def _mergeable() -> str:
-    from kadapt.methods.base import _IMPLEMENTATIONS
-    return ", ".join(repr(c.method) for c, m in _IMPLEMENTATIONS.items() if m.mergeable)
+    return ", ".join(map(repr, registered_with("mergeable")))
 
 
 def merge(model: nn.Module, allow_new_biases: bool = False) -> nn.Module:
