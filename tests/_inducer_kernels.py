@@ -1,5 +1,5 @@
-"""Shared helpers of the Triton inducer-kernel tests (test_inducer_dropout.py, test_inducer_bias.py; the
-NaN poisoning also serves test_inducer_attention.py).
+"""Shared helpers of the Triton inducer-kernel tests (test_inducer_dropout.py, test_inducer_bias.py,
+test_inducer_gqa.py; the NaN poisoning also serves test_inducer_attention.py).
 
 Modules that need the kernels call ``require_kernels()`` at their top level (it skips them when the kernels
 cannot run: no triton, or no GPU and no interpreter); importing this module never skips. On the CPU the
@@ -90,9 +90,13 @@ def assert_close(got, ref, what, rtol=1e-4, atol=1e-5):
 def reference(q, k, v, mlp, kpm, scale, causal, bias=None, z=None):
     """float64 (O, LSE, w, s0, P): the explicit formula. ``bias`` (broadcasting to (B, H, Tq, Tk)) enters the
     real logits only, −inf entries hide the key; ``z`` multiplies the probabilities in O only (None: no
-    dropout); P is the undropped probability matrix. A row without a visible key: O = 0, LSE = −inf, w = 1."""
+    dropout); P is the undropped probability matrix. A row without a visible key: O = 0, LSE = −inf, w = 1.
+    k, v may have H_kv heads dividing H (GQA): query head h uses KV head h // (H / H_kv), expanded here by
+    repeat_interleave (whose gradient sums over the group)."""
     B, H, Tq, _ = q.shape
     Tk = k.shape[2]
+    if k.shape[1] != H:
+        k, v = k.repeat_interleave(H // k.shape[1], dim=1), v.repeat_interleave(H // v.shape[1], dim=1)
     s = scale * q @ k.transpose(-1, -2)
     vis = visible(B, Tq, Tk, causal, kpm)
     if bias is not None:
@@ -119,7 +123,7 @@ def reference(q, k, v, mlp, kpm, scale, causal, bias=None, z=None):
 
 def reference_grads(q, k, v, mlp, kpm, scale, causal, bias, ups, z=None):
     """float64 (O, LSE, w) and (dq, dk, dv, ∂L/∂s0) of L = ⟨dO, O⟩ + ⟨dLSE, LSE⟩ + ⟨dw, w⟩ (finite LSE);
-    ``ups`` = (dO, dLSE, dw)."""
+    ``ups`` = (dO, dLSE, dw). With GQA dk, dv have k's H_kv heads."""
     leaves = [t.detach().cpu().double().requires_grad_() for t in (q, k, v)]
     mlp64 = None if mlp is None else [t.detach().cpu().double() for t in mlp]
     bias64 = None if bias is None else bias.detach().cpu().double()

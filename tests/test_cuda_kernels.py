@@ -6,7 +6,7 @@ against a float64 PyTorch reference (GPU only; skipped without CUDA or without t
 - kadapt::kron_weight(A, B, t) -> W
 - kadapt::inducer_attention_fwd(q, k, v, A_k, a_k, B_k, b_k, kpm, scale, causal) -> (O, LSE, w)
   (csrc/inducer_attention.cu), and kadapt.ops.inducer_attention forced to "cuda" (CUDA forward, Triton
-  backward)
+  backward); grouped-query attention (k, v with fewer heads than q) is refused by the CUDA forward
 
 Outputs are freshly allocated by the ops, so instead of poisoning them every test checks the exact
 shape, dtype and device, and that nothing is NaN (an unwritten element of torch.empty usually is,
@@ -499,3 +499,30 @@ def test_inducer_attention_forced_cuda_gradients(monkeypatch, dtype):
             allowed = IA_GRAD_TOL[dtype] + 2 * _rel_err(g_r_lp, g_ref)
             assert _rel_err(g, g_ref) <= allowed, f"d{name} {label}: {_rel_err(g, g_ref):.3g} > {allowed:.3g}"
             assert _rel_err(g, g_tri.double()) <= allowed, f"d{name} {label}: CUDA-forward vs Triton-forward grads"
+
+
+def test_inducer_attention_gqa_is_refused_by_the_cuda_forward(monkeypatch):
+    """Grouped-query attention (k, v with H_kv < H heads): the CUDA forward takes MHA only, so a forced "cuda"
+    raises ValueError naming the reason and "auto" runs Triton (never the CUDA op) with the reference's result."""
+    op_module = importlib.import_module("kadapt.ops.inducer_attention")
+    calls = []
+
+    def spy(*args):
+        calls.append(args)
+        raise AssertionError("the CUDA forward ran on GQA inputs")
+
+    monkeypatch.setattr(op_module, "_cuda_fwd", spy)
+    gen = torch.Generator(device="cuda").manual_seed(44)
+    q = torch.randn(2, 6, 9, 64, generator=gen, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(2, 2, 40, 64, generator=gen, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    kadapt.set_backend("cuda")
+    try:
+        with pytest.raises(ValueError, match="cannot run inducer_attention: grouped-query attention"):
+            inducer_attention(q, k, v, causal=True)
+    finally:
+        kadapt.set_backend("auto")
+    o, lse, w = inducer_attention(q, k, v, causal=True)
+    assert not calls
+    o_r, lse_r, w_r = inducer_attention_reference(q.double(), k.double(), v.double(), causal=True)
+    assert _rel_err(o, o_r) <= 5e-2 and (lse.double() - lse_r).abs().max().item() <= 1e-2
+    assert (w.double() - w_r).abs().max().item() <= 1e-3

@@ -1,6 +1,6 @@
 """Inducer attention: softmax attention plus the inducer weight w = σ(s0 − LSE) (METHODS.md §8, §12.1).
 
-Per (batch, head) and query row q_i (shapes: q (B, H, Tq, d), k, v (B, H, Tk, d)):
+Per (batch, head) and query row q_i (shapes: q (B, H, Tq, d), k, v (B, H_kv, Tk, d)):
 
     s_ij = c⟨q_i, k_j⟩ over the *real* keys j (masked: causal, key padding)
     O_i  = Σ_j softmax_j(s_i·) v_j          (standard attention, unmodified)
@@ -10,6 +10,16 @@ Per (batch, head) and query row q_i (shapes: q (B, H, Tq, d), k, v (B, H, Tk, d)
     w_i  = σ(s0_i − LSE_i)  = column 0 of the softmax over [s0_i | s_i·]  (the inducer's weight)
 
 The value MLP, dropout on w, gating and the value extension are cheap epilogue math done by the method.
+
+Grouped-query attention (GQA: Llama, Qwen2, Mistral). k and v may have H_kv heads with H_kv dividing H
+(H_kv = H is multi-head attention): query head h attends with KV head h // G, G = H / H_kv (transformers'
+``repeat_kv`` convention: the result equals the call with k, v expanded by ``repeat_interleave(G, dim=1)``, and
+dK, dV are that call's gradients summed over each group). Everything else stays per QUERY head: the key MLP
+(H heads), s0, LSE, w, O, the attention mask / bias (broadcast to (B, H, Tq, Tk)) and the dropout mask (keyed by
+b·H + h). The reference expands k and v in PyTorch; the Triton kernels read the shared KV head in place (no
+repeat_kv copy): the forward and dQ kernels index KV head h // G, the dK/dV kernel loops over the G query heads
+of its KV head (deterministic, no atomics). The CUDA forward takes MHA only: GQA calls go to the next backend
+under "auto", and a forced "cuda" raises ValueError.
 
 Extras. ``attn_bias`` adds to the real logits only (T5's relative position bias; s0 never gets it; the
 Triton kernels read it through broadcast strides and give it no gradient). ``dropout_p`` drops attention
@@ -105,13 +115,21 @@ def attention_mask(B: int, Tq: int, Tk: int, causal: bool, key_padding_mask: tor
     return keep
 
 
+def expand_kv(t: torch.Tensor, H: int) -> torch.Tensor:
+    """(B, H, T, d) view of a (B, H_kv, T, d) key or value tensor for H query heads (GQA; H_kv divides H):
+    query head h gets KV head h // (H / H_kv), transformers' ``repeat_kv``. Itself when H_kv = H. A copy (the
+    reference's clarity; the fused kernels index the shared head instead); its backward sums over the groups."""
+    G = H // t.shape[1] if t.shape[1] else 1
+    return t if G == 1 else t.repeat_interleave(G, dim=1)
+
+
 def _real_logits(q, k, scale, causal, key_padding_mask, attn_mask=None, attn_bias=None):
     """(s with −inf where masked, keep mask). ``attn_mask`` (bool, True = keep) and ``attn_bias``
-    (additive) broadcast to (B, H, Tq, Tk)."""
+    (additive) broadcast to (B, H, Tq, Tk); k may have H_kv heads (GQA, expanded here)."""
     keep = attention_mask(q.shape[0], q.shape[2], k.shape[2], causal, key_padding_mask, q.device)
     if attn_mask is not None:
         keep = keep & attn_mask
-    s = scale * (q @ k.transpose(-1, -2))
+    s = scale * (q @ expand_kv(k, q.shape[1]).transpose(-1, -2))
     if attn_bias is not None:
         s = s + attn_bias.to(s.dtype)
     return s.masked_fill(~keep, float("-inf")), keep
@@ -123,6 +141,7 @@ def inducer_attention_reference(q, k, v, A_k=None, a_k=None, B_k=None, b_k=None,
                                 attn_bias: torch.Tensor | None = None, dropout_p: float = 0.0):
     """(O, LSE, w): standard attention over the real keys, its log-sum-exp and σ(s0 − LSE).
 
+    k, v may have H_kv heads dividing q's H (GQA: query head h uses KV head h // (H / H_kv); expanded here).
     Fully masked rows give LSE = −inf, O = 0, w = 1 with finite (zero) gradients. With ``gating``,
     O is replaced by (1 − w)·O. ``attn_mask`` / ``attn_bias`` (e.g. T5's relative position bias) enter
     the real logits only (s0 gets neither); ``dropout_p`` drops attention probabilities (O only, never
@@ -136,7 +155,7 @@ def inducer_attention_reference(q, k, v, A_k=None, a_k=None, B_k=None, b_k=None,
     p = torch.exp(s_safe - lse_safe[..., None]) * keep
     if dropout_p > 0:
         p = torch.nn.functional.dropout(p, dropout_p)
-    o = p @ v
+    o = p @ expand_kv(v, q.shape[1])
     s0 = inducer_logit(q, A_k, a_k, B_k, b_k, scale)
     w = torch.where(any_key, torch.sigmoid(s0 - lse_safe), torch.ones((), dtype=s0.dtype, device=s0.device))
     lse = torch.where(any_key, lse_safe, torch.full((), float("-inf"), dtype=s.dtype, device=s.device))
@@ -150,7 +169,7 @@ def inducer_attention_concat_reference(q, k, v, A_k=None, a_k=None, B_k=None, b_
                                        causal: bool = False, key_padding_mask: torch.Tensor | None = None):
     """The concat-softmax formulation (METHODS.md §12.1): logits [s0 | s] (Tq × (Tk + 1)), −inf where
     masked (s0 never), softmax over the concatenation. Returns (w, O) with w = column 0 and O the real
-    columns renormalised (= standard attention; 0 on a fully masked row)."""
+    columns renormalised (= standard attention; 0 on a fully masked row). k, v may have H_kv heads (GQA)."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     s, keep = _real_logits(q, k, scale, causal, key_padding_mask)
     s0 = inducer_logit(q, A_k, a_k, B_k, b_k, scale)
@@ -159,7 +178,7 @@ def inducer_attention_concat_reference(q, k, v, A_k=None, a_k=None, B_k=None, b_
     w = probs[..., 0]
     real = probs[..., 1:]
     mass = real.sum(-1, keepdim=True)
-    o = torch.where(mass > 0, real / torch.where(mass > 0, mass, 1), 0) @ v
+    o = torch.where(mass > 0, real / torch.where(mass > 0, mass, 1), 0) @ expand_kv(v, q.shape[1])
     return w, o
 
 
@@ -203,6 +222,8 @@ def _fwd(q, k, v, mlp, kpm, scale, causal, backend, dropout_p=0.0, seed=None, bi
         if dropout_p > 0 or bias is not None:  # the Triton backward would assume what this forward never did
             raise RuntimeError("inducer_attention: the CUDA forward has no attention-probability dropout and no "
                                "logit bias; dropout_p > 0 or attn_bias need the 'triton' or 'reference' backend")
+        if k.shape[1] != q.shape[1]:
+            raise ValueError(f"inducer_attention: {_CUDA_GQA_REASON} (q has H={q.shape[1]}, k, v H_kv={k.shape[1]})")
         return _cuda_fwd(q, k, v, mlp, kpm, scale, causal)
     from kadapt.ops.triton import inducer_attention as kernels
 
@@ -267,7 +288,8 @@ def _inducer_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, A_k
                           kpm: Optional[torch.Tensor], scale: float, causal: bool, backend: str, dropout_p: float,
                           seed: Optional[torch.Tensor], bias: Optional[torch.Tensor]
                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(O, LSE, w) for contiguous (B, H, T, d) q, k, v; kpm is the int8 (B, Tk) key padding mask or None;
+    """(O, LSE, w) for contiguous q (B, H, Tq, d) and k, v (B, H_kv, Tk, d) (H_kv divides H: GQA); kpm is the
+    int8 (B, Tk) key padding mask or None;
     ``backend`` ("triton" | "cuda") picks the forward kernel (the backward is Triton's either way);
     ``seed`` (int64 CPU scalar tensor) keys the attention-probability dropout when ``dropout_p`` > 0;
     ``bias`` is an additive logit bias broadcasting to (B, H, Tq, Tk) (no gradient)."""
@@ -287,7 +309,8 @@ def _inducer_attention_backward_op(
         lse: torch.Tensor, w: torch.Tensor, do: torch.Tensor, dlse: torch.Tensor, dw: torch.Tensor, scale: float,
         causal: bool, dropout_p: float, seed: Optional[torch.Tensor], bias: Optional[torch.Tensor]
         ) -> list[torch.Tensor]:
-    """[dq, dk, dv] (+ [dA_k, da_k, dB_k, db_k] with a key MLP)."""
+    """[dq, dk, dv] (+ [dA_k, da_k, dB_k, db_k] with a key MLP); dk, dv have k's (B, H_kv, Tk, d) shape (GQA:
+    summed over each KV head's query heads)."""
     grads = _bwd(q, k, v, (A_k, a_k, B_k, b_k), kpm, o, lse, w, do, dlse, dw, scale, causal, dropout_p, seed, bias)
     return [g for g in grads if g is not None]
 
@@ -337,10 +360,17 @@ def _check(q, k, v, mlp, key_padding_mask) -> None:
     for name, t in (("k", k), ("v", v)):
         if t.shape[0] != B:
             raise ValueError(f"{name} has batch {t.shape[0]} but q has {B}")
-        if t.shape[1] != H:
-            raise ValueError(f"{name} has H={t.shape[1]} heads but q has H={H}")
         if t.shape[3] != d:
             raise ValueError(f"{name} has head dim {t.shape[3]} but q has d={d}")
+    if k.shape[1] != v.shape[1]:
+        raise ValueError(f"k has H_kv={k.shape[1]} heads but v has H_kv={v.shape[1]}: k and v must have the same "
+                         f"number of heads")
+    H_kv = k.shape[1]
+    if (H_kv == 0) != (H == 0) or (H_kv and H % H_kv):
+        allowed = [n for n in range(1, H + 1) if H % n == 0] or [0]
+        raise ValueError(f"k, v have H_kv={H_kv} heads but q has H={H}: the number of KV heads must divide the "
+                         f"number of query heads (grouped-query attention); allowed H_kv for H={H}: "
+                         f"{', '.join(map(str, allowed))}")
     if v.shape[2] != k.shape[2]:
         raise ValueError(f"v has Tk={v.shape[2]} keys but k has Tk={k.shape[2]}")
     Tk = k.shape[2]
@@ -376,6 +406,11 @@ def _triton_unsupported(q, mlp) -> str | None:
     if mlp[0] is not None and mlp[0].shape[2] > TRITON_MAX_KEY_MLP:
         return f"key-MLP width m_k={mlp[0].shape[2]} exceeds the kernel's {TRITON_MAX_KEY_MLP}"
     return None
+
+
+# Why the CUDA forward refuses grouped-query attention (auto goes on to the next backend; a forced "cuda" raises).
+_CUDA_GQA_REASON = ("grouped-query attention (k, v with fewer heads than q): the CUDA forward takes k, v with H "
+                    "heads only; GQA runs on the 'triton' or 'reference' backend")
 
 
 def _cuda_unsupported(q, mlp) -> str | None:
@@ -414,6 +449,11 @@ def inducer_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, A_k: to
                       dropout_p: float = 0.0):
     """(O, LSE, w) on the backend in force; see the module docstring. ``scale`` defaults to 1/√d.
 
+    q is (B, H, Tq, d); k and v are (B, H_kv, Tk, d) with H_kv dividing H (H_kv < H: grouped-query attention,
+    query head h uses KV head h // (H / H_kv); dk, dv come back with k's H_kv heads). The key MLP
+    (A_k (H, d, m_k), ...) is per query head. The CUDA forward takes H_kv = H only (a forced "cuda" raises
+    ValueError on GQA inputs; "auto" runs Triton or the reference).
+
     With ``gating`` O is (1 − w)·O (applied to the kernel's output by PyTorch; gradients flow through both).
     ``dropout_p`` > 0 drops attention probabilities (O only; never LSE or w): the Triton kernels draw a
     Philox mask keyed by a seed taken from torch's CPU generator (so ``torch.manual_seed`` makes it
@@ -434,7 +474,12 @@ def inducer_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, A_k: to
     if mask_reason is None and attn_bias is not None and attn_bias.requires_grad and torch.is_grad_enabled():
         mask_reason = "attn_bias requires grad: the fused kernels give the bias no gradient (the reference does)"
     triton_reason = _triton_unsupported(q, mlp) or mask_reason
-    cuda_reason = _cuda_unsupported(q, mlp) or mask_reason
+    gqa = k.shape[1] != q.shape[1]
+    if gqa and backends.get_backend() == "cuda":
+        raise ValueError(f"backend 'cuda' is forced but cannot run inducer_attention: {_CUDA_GQA_REASON} "
+                         f"(q has H={q.shape[1]}, k, v H_kv={k.shape[1]}); use kadapt.set_backend('auto') or "
+                         f"'triton' or 'reference'")
+    cuda_reason = _cuda_unsupported(q, mlp) or mask_reason or (_CUDA_GQA_REASON if gqa else None)
     if cuda_reason is None and attn_bias is not None:
         cuda_reason = "attn_bias: the CUDA forward has no logit bias (Triton has)"
     if cuda_reason is None and dropout_p > 0:
