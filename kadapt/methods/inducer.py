@@ -155,6 +155,12 @@ class InducerAttention(nn.Module):
         return (self.key_a, self.key_a_bias, self.key_b, self.key_b_bias)
 
     def forward(self, module: nn.Module, query, key, value, mask, *, scaling, dropout, base=None, **kwargs):
+        dev = query.device.type
+        if torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev):
+            # Under autocast rotary embeddings (fp32 cos/sin) leave q and k in fp32 and v in the autocast dtype:
+            # the attention computes in the autocast dtype, as SDPA does there.
+            dtype = torch.get_autocast_dtype(dev)
+            query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
         if self.prefix is not None:  # the prefix keys enter the LSE (docs/methods.md §15)
             key, value, mask, kwargs = self.prefix.extend(query, key, value, mask, kwargs)
         gate_delta = None
