@@ -39,6 +39,9 @@ def kadapt_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_o
     plain = mask_function is causal_mask_function or mask_function is bidirectional_mask_function
     causal = mask_function is causal_mask_function
     offsets_known = isinstance(q_offset, int) and isinstance(kv_offset, int)
+    if not plain and offsets_known and q_offset + q_length == kv_offset + kv_length \
+            and _causal_over(mask_function, batch_size, q_offset, q_length, kv_offset):
+        plain = causal = True  # e.g. Mistral's sliding window when it covers every key of this call
     if plain and offsets_known and (not causal or q_offset + q_length == kv_offset + kv_length):
         pad = None
         if attention_mask is not None:
@@ -49,6 +52,27 @@ def kadapt_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_o
                      kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask,
                      allow_is_causal_skip=False, allow_is_bidirectional_skip=False,
                      use_vmap=kwargs.get("use_vmap", False), device=device)
+
+
+def _causal_over(mask_function: Callable, batch_size: int, q_offset: int, q_length: int, kv_offset: int) -> bool:
+    """Whether a causal-family mask function (causal with a sliding window, chunks or packed-sequence ids: each
+    monotone along the keys) equals the plain causal mask on this call's range: the last query sees the first
+    key, the first query sees itself, and (Tq > 1) not the key after it, in every batch row."""
+    if torch.compiler.is_compiling():
+        return False  # keep traced graphs free of data-dependent checks: the 4-D mask is always correct
+    q_first, q_last = q_offset, q_offset + q_length - 1
+    t = torch.tensor
+    try:
+        for b in range(batch_size):
+            def f(q, k):
+                return bool(mask_function(t(b), t(0), t(q), t(k)))
+            if not (f(q_last, kv_offset) and f(q_first, q_first) and f(q_last, q_last)):
+                return False
+            if q_length > 1 and f(q_first, q_first + 1):
+                return False
+    except Exception:  # a mask function that needs other inputs: use the general path
+        return False
+    return True
 
 
 def kadapt_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
