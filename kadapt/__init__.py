@@ -22,6 +22,7 @@ from kadapt.configs import (
     PfeifferConfig,
     PHMAdapterConfig,
     PrefixTuningConfig,
+    PromptTuningConfig,
     preset,
 )
 from kadapt.patching import eject, merge, patch, unpatch
@@ -34,6 +35,7 @@ __all__ = [
     "AdapterConfig", "PfeifferConfig", "LowRankAdapterConfig", "PHMAdapterConfig", "CompacterConfig",
     "CompacterPlusPlusConfig", "BitFitConfig", "FullFinetuneConfig", "LoRAConfig",
     "ParallelAdapterConfig", "KernelMixConfig", "PrefixTuningConfig", "InducerTuningConfig", "MAMConfig",
+    "PromptTuningConfig",
     "KadaptConfig", "METHODS", "PRESETS",
     "preset", "__version__",
 ]

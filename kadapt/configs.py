@@ -22,12 +22,13 @@ from kadapt.methods.lora import LORA_TARGETS, LoRAConfig
 from kadapt.methods.mam import MAMConfig
 from kadapt.methods.parallel import ParallelAdapterConfig
 from kadapt.methods.prefix import PrefixTuningConfig
+from kadapt.methods.prompt import PromptTuningConfig
 
 __all__ = [
     "ACTIVATIONS", "LORA_TARGETS", "METHODS", "PLACEMENTS", "PRESETS", "AdapterConfig", "BitFitConfig",
     "BottleneckConfig", "CompacterConfig", "CompacterPlusPlusConfig", "FullFinetuneConfig", "InducerTuningConfig",
     "KadaptConfig", "KernelMixConfig", "LoRAConfig", "LowRankAdapterConfig", "MAMConfig", "ParallelAdapterConfig",
-    "PfeifferConfig", "PHMAdapterConfig", "PrefixTuningConfig", "bottleneck_size", "preset",
+    "PfeifferConfig", "PHMAdapterConfig", "PrefixTuningConfig", "PromptTuningConfig", "bottleneck_size", "preset",
 ]
 
 _PRESETS: dict[str, Any] = {

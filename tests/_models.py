@@ -78,6 +78,7 @@ def tiny_configs() -> dict[str, kadapt.KadaptConfig]:
                                                      lora=kadapt.LoRAConfig(r=2, targets=("q",), lora_bias=True)),
         "mam": kadapt.MAMConfig(prefix=kadapt.PrefixTuningConfig(prefix_length=4, hidden_size=8),
                                 parallel_adapter=kadapt.ParallelAdapterConfig(bottleneck_dim=8)),
+        "prompt_tuning": kadapt.PromptTuningConfig(prompt_length=4),
     }
 
 

@@ -299,7 +299,7 @@ CONFIG_CASES = {
                          r"method='inducer' is not allowed; allowed values: 'adapter', 'bitfit', 'compacter', "
                          r"'compacter\+\+', 'full_finetune', 'inducer_tuning', 'kernel_mix', 'lora', "
                          r"'low_rank_adapter', 'mam', 'parallel_adapter', 'pfeiffer', 'phm_adapter', "
-                         r"'prefix_tuning'$"),
+                         r"'prefix_tuning', 'prompt_tuning'$"),
     "from_dict_field": (lambda: KadaptConfig.from_dict({"method": "bitfit", "rank": 2}),
                         r"unknown field\(s\) \['rank'\] for method 'bitfit'; allowed fields: "
                         r"\['compat_bitfit_skip_final_ln'\]$"),

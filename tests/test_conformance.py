@@ -36,6 +36,8 @@ REFUSED: dict[tuple[str, str], str] = {}
 
 # Invalid values per method: (field path, value). Every registered method with config fields needs an entry.
 BAD_FIELDS: dict[str, list[tuple[str, object]]] = {
+    "prompt_tuning": [("prompt_length", 0), ("init", "xavier"), ("vocab_ids", [-1]),
+                      ("compat_prompt_t_random_init", "yes")],
     "adapter": [("bottleneck_dim", 0), ("activation", "tanh"), ("ln_pre", "yes")],
     "pfeiffer": [("placement", "both"), ("reduction_factor", -1)],
     "low_rank_adapter": [("rank", 0), ("bottleneck_dim", 2.5)],

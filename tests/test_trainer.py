@@ -37,6 +37,9 @@ METHOD_NAMES = tuple(kadapt.METHODS)
 # full fine-tuning moves every weight and is stable at a smaller one.
 LR = {name: 1e-2 for name in METHOD_NAMES}
 LR["full_finetune"] = 1e-3
+# Prompt tuning on T5 learns slowly at 1e-2 (4 prompt vectors in front of a random encoder): the Compacter
+# paper's PT-T setting instead, vocabulary init at lr 3e-1 (docs/methods.md §7).
+FAMILY_SETTINGS = {("t5", "prompt_tuning"): (3e-1, {"init": "vocab"})}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -106,10 +109,12 @@ def tiny_dataset(family: str) -> DictDataset:
     return DictDataset(rows)
 
 
-def method_config(name: str) -> kadapt.KadaptConfig:
+def method_config(name: str, family: str | None = None) -> kadapt.KadaptConfig:
     """The shared tiny config of ``name`` (tests/_models.py): bottleneck m = 8, phm_dim = 4."""
     config = tiny_configs()[name]
     assert config.method == name
+    for field, value in FAMILY_SETTINGS.get((family, name), (None, {}))[1].items():
+        setattr(config, field, value)
     return config
 
 
@@ -120,12 +125,12 @@ def method_config(name: str) -> kadapt.KadaptConfig:
 def run_trainer(family: str, method: str, output_dir) -> tuple[torch.nn.Module, list[float], dict, dict]:
     torch.manual_seed(0)
     model = tiny_model(family)
-    kadapt.patch(model, method_config(method))
+    kadapt.patch(model, method_config(method, family))
     frozen = {n: p.detach().clone() for n, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
     trained = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
     args = transformers.TrainingArguments(
-        output_dir=str(output_dir), max_steps=STEPS, per_device_train_batch_size=BATCH, learning_rate=LR[method],
+        output_dir=str(output_dir), max_steps=STEPS, per_device_train_batch_size=BATCH, learning_rate=FAMILY_SETTINGS.get((family, method), (LR[method],))[0],
         lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, logging_steps=1, report_to=[],
         save_strategy="no", use_cpu=True, seed=0, data_seed=0, disable_tqdm=True, dataloader_num_workers=0)
     trainer = transformers.Trainer(model=model, args=args, train_dataset=tiny_dataset(family))

@@ -10,4 +10,5 @@ from kadapt.methods import (  # noqa: F401
     prefix,
     inducer,
     mam,
+    prompt,
 )

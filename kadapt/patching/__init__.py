@@ -192,7 +192,7 @@ def _attach(model: nn.Module, backbone: Backbone, plan: Plan, record: PatchRecor
         record.attn_configs = attention.set_implementation(model, attention.IMPLEMENTATION)
     for hook in plan.hooks:
         register = hook.module.register_forward_hook if hook.kind == "forward" else hook.module.register_forward_pre_hook
-        record.hooks.append(register(hook.fn))
+        record.hooks.append(register(hook.fn, with_kwargs=hook.with_kwargs))
     object.__setattr__(model, RECORD_ATTR, record)
 
 

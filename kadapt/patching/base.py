@@ -122,6 +122,23 @@ class BiasSite:
     native: bool
 
 
+@dataclass
+class PromptSite:
+    """Where prompt tuning (docs/methods.md §7) puts its P prompt vectors.
+
+    ``embedding``: the input token embedding (nn.Embedding): its rows are the vocabulary ``init="vocab"``
+    copies, and its forward output is where the prompt rows go in front of the token embeddings (before
+    position embeddings are added) on GPT-2, RoBERTa/BERT and the Llama family. ``encoder`` / ``decoder``
+    (T5 only; None elsewhere): the stack whose embedded input gets the prompt (after the lookup, before the
+    embedding dropout; its forward takes ``input_ids`` / ``inputs_embeds`` / ``attention_mask``), and the
+    stack whose cross-attention mask (``encoder_attention_mask``) gets P leading ones (None on an
+    encoder-only model)."""
+
+    embedding: nn.Module
+    encoder: nn.Module | None = None
+    decoder: nn.Module | None = None
+
+
 class Backbone:
     """Base class; a family sets the declarations below and implements the site queries."""
 
@@ -164,6 +181,10 @@ class Backbone:
     def attention_sites(self, cross_attention: bool = False) -> list[AttentionSite]:
         """Prefix / inducer: every self-attention layer (T5: encoder self, decoder self, and cross-attention
         when ``cross_attention``), in model order."""
+        raise NotImplementedError
+
+    def prompt_site(self) -> PromptSite:
+        """Prompt tuning: the input embedding and, on an encoder-decoder model, the prompted encoder stack."""
         raise NotImplementedError
 
     def _body(self) -> list[nn.Module]:

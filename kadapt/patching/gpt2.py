@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from kadapt.patching.base import (AttentionSite, Backbone, KernelMixSite, LinearSite, ParallelSite, Site,
+from kadapt.patching.base import (AttentionSite, Backbone, KernelMixSite, LinearSite, ParallelSite, PromptSite, Site,
                                   linear_site, single_root)
 
 
@@ -66,6 +66,10 @@ class GPT2Backbone(Backbone):
     def attention_sites(self, cross_attention: bool = False) -> list[AttentionSite]:
         return [AttentionSite("decoder", i, "self", b.attn, b.attn.c_proj, b.attn.num_heads, b.attn.head_dim)
                 for i, b in enumerate(self.root.h)]
+
+    def prompt_site(self) -> PromptSite:
+        # The prompt rows replace the front of wte's output, before wpe is added.
+        return PromptSite(self.root.wte)
 
     def _body(self) -> list[nn.Module]:
         return [self.root]

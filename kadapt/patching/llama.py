@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from kadapt.patching.base import (AttentionSite, Backbone, BiasSite, KernelMixSite, LinearSite, ParallelSite, Site,
-                                  linear_site, single_root)
+from kadapt.patching.base import (AttentionSite, Backbone, BiasSite, KernelMixSite, LinearSite, ParallelSite,
+                                  PromptSite, Site, linear_site, single_root)
 
 
 class LlamaBackbone(Backbone):
@@ -73,6 +73,10 @@ class LlamaBackbone(Backbone):
     def attention_sites(self, cross_attention: bool = False) -> list[AttentionSite]:
         return [AttentionSite("decoder", i, "self", layer.self_attn, layer.self_attn.o_proj, self.heads,
                               layer.self_attn.head_dim, self.kv_heads) for i, layer in enumerate(self.root.layers)]
+
+    def prompt_site(self) -> PromptSite:
+        # embed_tokens' output; rotary positions come from position_ids, so the prompt takes 0..P-1.
+        return PromptSite(self.root.embed_tokens)
 
     def _body(self) -> list[nn.Module]:
         return [self.root]

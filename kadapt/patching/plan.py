@@ -33,6 +33,7 @@ class Hook:
     module: nn.Module
     fn: Callable
     owner: str           # the part that asked for it
+    with_kwargs: bool = False  # fn also takes (and a pre-hook returns) the forward's keyword arguments
 
 
 class Plan:
@@ -82,13 +83,15 @@ class Plan:
                              f"{type(owner).__name__}; they cannot be composed")
         self.modules[key] = (owner, name, module, self._current)
 
-    def forward_hook(self, module: nn.Module, fn: Callable) -> None:
-        """``fn(module, args, output)`` after ``module``'s forward (hooks run in plan order)."""
-        self.hooks.append(Hook("forward", module, fn, self._current))
+    def forward_hook(self, module: nn.Module, fn: Callable, with_kwargs: bool = False) -> None:
+        """``fn(module, args, output)`` after ``module``'s forward (hooks run in plan order);
+        ``with_kwargs``: ``fn(module, args, kwargs, output)``."""
+        self.hooks.append(Hook("forward", module, fn, self._current, with_kwargs))
 
-    def forward_pre_hook(self, module: nn.Module, fn: Callable) -> None:
-        """``fn(module, args)`` before ``module``'s forward."""
-        self.hooks.append(Hook("pre", module, fn, self._current))
+    def forward_pre_hook(self, module: nn.Module, fn: Callable, with_kwargs: bool = False) -> None:
+        """``fn(module, args)`` before ``module``'s forward; ``with_kwargs``: ``fn(module, args, kwargs)``,
+        returning None or the new ``(args, kwargs)``."""
+        self.hooks.append(Hook("pre", module, fn, self._current, with_kwargs))
 
     def train(self, params) -> None:
         """Existing parameters that train (restored to their values by ``unpatch``)."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from kadapt.patching.base import (AttentionSite, Backbone, KernelMixSite, LinearSite, ParallelSite, Site,
+from kadapt.patching.base import (AttentionSite, Backbone, KernelMixSite, LinearSite, ParallelSite, PromptSite, Site,
                                   linear_site, single_root)
 
 
@@ -75,6 +75,10 @@ class RobertaBackbone(Backbone):
             sites.append(AttentionSite("encoder", i, "self", sa, layer.attention.output.dense,
                                        sa.num_attention_heads, sa.attention_head_size))
         return sites
+
+    def prompt_site(self) -> PromptSite:
+        # word_embeddings' output, before the token-type and position embeddings are added.
+        return PromptSite(self.root.embeddings.word_embeddings)
 
     def learned_positions(self) -> tuple[nn.Module, int | None] | None:
         emb = self.root.embeddings

@@ -6,7 +6,7 @@ from __future__ import annotations
 from torch import nn
 
 from kadapt.patching.base import (SUPPORTED, AttentionSite, Backbone, BiasSite, KernelMixSite, LinearSite,
-                                  ParallelSite, Site, find_modules, linear_site)
+                                  ParallelSite, PromptSite, Site, find_modules, linear_site)
 
 
 class T5Backbone(Backbone):
@@ -97,6 +97,15 @@ class T5Backbone(Backbone):
                                        (attn.v, (0, inner)), (attn.o, (0, attn.o.out_features)), s.heads,
                                        s.head_dim))
         return sites
+
+    def prompt_site(self) -> PromptSite:
+        # The encoder's embedded input (embed_tokens' output, before its dropout) gets the prompt; the
+        # decoder only sees P more encoder positions through its cross-attention mask.
+        encoder = self.stack_modules.get("encoder")
+        if encoder is None:
+            raise ValueError(f"model: {type(self.model).__name__} has no T5 encoder stack; prompt tuning prepends "
+                             f"the prompt to the encoder input")
+        return PromptSite(encoder.embed_tokens, encoder, self.stack_modules.get("decoder"))
 
     def _body(self) -> list[nn.Module]:
         return list(self.stack_modules.values())
