@@ -175,7 +175,7 @@ def _untouched(model, configs, match):
 def test_attention_methods_refuse_unsupported_cross_attention(config):
     bert = BertModel(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
                                 vocab_size=50, is_decoder=True, add_cross_attention=True)).eval()
-    _untouched(bert, config, r"runs inside attention, which this 'roberta' model does not let kadapt do: "
+    _untouched(bert, config, r"runs inside attention, which this 'bert' model does not let kadapt do: "
                              r"add_cross_attention=True")
     gpt2 = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=50, add_cross_attention=True)).eval()
     _untouched(gpt2, config, r"'gpt2' model does not let kadapt do: add_cross_attention=True")

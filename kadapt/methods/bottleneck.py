@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from torch import nn
@@ -32,9 +32,24 @@ ADAPTER_ATTR = "kadapt_adapter"
 SHARED_RULE_ATTR = "kadapt_phm_rule"
 
 
+MAX_BOTTLENECK_RATIO = 16  # m ≤ 16·D: wider "bottlenecks" are a typo (rf = 1e-300), not an adapter
+
+
 def bottleneck_size(bottleneck_dim: int | None, reduction_factor: float, hidden_size: int) -> int:
-    """m = bottleneck_dim, else int(D // rf) as upstream computes it; ValueError when m < 1."""
-    m = bottleneck_dim if bottleneck_dim is not None else int(hidden_size // reduction_factor)
+    """m = bottleneck_dim, else int(D // rf) as upstream computes it; ValueError when m < 1 or m > 16·D."""
+    limit = MAX_BOTTLENECK_RATIO * hidden_size
+    if bottleneck_dim is not None:
+        m = int(bottleneck_dim)
+        if m > limit:
+            raise ValueError(f"bottleneck_dim={bottleneck_dim!r} exceeds {MAX_BOTTLENECK_RATIO}x the hidden size "
+                             f"{hidden_size}; allowed: 1 <= bottleneck_dim <= {limit}")
+        return m
+    ratio = hidden_size / reduction_factor
+    if not ratio < limit + 1:  # also catches inf from a denormal rf
+        raise ValueError(f"reduction_factor={reduction_factor!r} gives a bottleneck wider than {MAX_BOTTLENECK_RATIO}x "
+                         f"the hidden size {hidden_size}; allowed: {1 / MAX_BOTTLENECK_RATIO:g} <= reduction_factor "
+                         f"<= {hidden_size}")
+    m = int(hidden_size // reduction_factor)
     if m < 1:
         raise ValueError(
             f"reduction_factor={reduction_factor!r} gives a bottleneck of {m} on hidden size "

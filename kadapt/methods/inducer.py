@@ -201,13 +201,13 @@ class InducerAttention(nn.Module):
 
     def _w_dropout(self, attention_dropout: float) -> float:
         """p of the dropout on w: the attention dropout in force (0 in eval), or ``w_dropout`` in training."""
-        return attention_dropout if self.w_dropout is None else (self.w_dropout if self.training else 0.0)
+        return float(attention_dropout if self.w_dropout is None else (self.w_dropout if self.training else 0.0))
 
     def _value_term(self, o: torch.Tensor, query: torch.Tensor, w: torch.Tensor, p_w: float,
                     gate_delta: torch.Tensor | None = None) -> torch.Tensor:
         """w̃ = Drop_{p_w}(w); u = tanh(q A_v + a_v); stash Δ (value extension; the O-projection hook takes it)
         or return o + w̃ P^v. o (B, H, Tq, d)."""
-        w = nn.functional.dropout(w, p_w, training=p_w > 0).to(query.dtype)  # (B, H, Tq)
+        w = nn.functional.dropout(w, p_w, training=bool(p_w > 0)).to(query.dtype)  # (B, H, Tq)
         u = torch.tanh(torch.einsum("bhtd,hdm->bhtm", query, self.value_a.to(query.dtype))
                        + self.value_a_bias.to(query.dtype)[:, None, :])
         z = w[..., None] * u  # (B, H, Tq, m_v)

@@ -17,6 +17,7 @@ class RobertaBackbone(Backbone):
     def __init__(self, model: nn.Module):
         super().__init__(model)
         self.root = single_root(model, self._root_classes)
+        self.family = self.root.config.model_type  # messages name the model's own family ("bert")
 
     @property
     def hidden_size(self) -> int:
