@@ -65,9 +65,10 @@ def _cuda_stand_in(monkeypatch):
         zz = z.detach().requires_grad_(True)
         with torch.enable_grad():
             h = activation(act, zz)
-        (g_z,) = torch.autograd.grad(h, zz, dy @ wu.t())
+        (g_z,) = torch.autograd.grad(h, zz, (dy @ wu.t()).to(h.dtype))
+        g_z = g_z.to(dy.dtype)  # the kernel stores g_z in the compute dtype
         dx = g_z @ wd.t() + (dy if add_input else 0)
-        return dx, g_z.to(dy.dtype), h.detach().to(dy.dtype), dy.sum(0)
+        return dx, g_z, h.detach().to(dy.dtype), dy.sum(0)
 
     def kron(rule, b, t):
         return AdapterWeight.phm(rule, b).materialize() if t is None else AdapterWeight.compacter(rule, b, t).materialize()

@@ -2,13 +2,16 @@
 
 ``AdapterWeight`` names the factorisation; kernels read the factors directly (Triton) or materialise
 W once per call (CUDA); ``materialize`` is the reference. ``factor_grads`` turns dL/dW into the
-gradients of the factors (METHODS.md §12.3, materialised backward).
+gradients of the factors (METHODS.md §12.3, materialised backward) with PyTorch ops;
+``fused_factor_grads`` is what the fused backends' backward ops run (the Triton kernel on "triton").
 """
 from __future__ import annotations
 
 from typing import NamedTuple
 
 import torch
+
+from kadapt.ops._common import triton_kernels
 
 # Kernel codes of the weight kinds (kadapt/ops/triton/fused_adapter.py uses the same numbers).
 WEIGHT_KINDS = {"dense": 0, "phm": 1, "compacter": 2, "lowrank": 3}
@@ -75,24 +78,26 @@ class AdapterWeight(NamedTuple):
         return torch.einsum("ica,ikp->ckap", rule.to(b.dtype), b).reshape(n * ki, n * ko)
 
 
+_FACTOR_DIMS = {"dense": (2,), "lowrank": (2, 2), "phm": (3, 3), "compacter": (3, 3, 3)}  # dims of each factor
+
+
 def as_weight(w: torch.Tensor | AdapterWeight, field: str) -> AdapterWeight:
+    if isinstance(w, torch.Tensor):
+        if w.dim() != 2:
+            raise ValueError(f"{field} must be a 2-D (in, out) tensor or an AdapterWeight, got shape {tuple(w.shape)}")
+        return AdapterWeight("dense", (w,))
     if isinstance(w, AdapterWeight):
         if w.kind not in WEIGHT_KINDS:
             raise ValueError(f"{field}.kind={w.kind!r} is not allowed; allowed values: {', '.join(WEIGHT_KINDS)}")
-        want = {"dense": 1, "lowrank": 2, "phm": 2, "compacter": 3}[w.kind]
-        if len(w.tensors) != want:
-            raise ValueError(f"{field}: a {w.kind} weight has {want} factor tensors, got {len(w.tensors)}")
-        dims = {"dense": (2,), "lowrank": (2, 2), "phm": (3, 3), "compacter": (3, 3, 3)}[w.kind]
+        dims = _FACTOR_DIMS[w.kind]
+        if len(w.tensors) != len(dims):
+            raise ValueError(f"{field}: a {w.kind} weight has {len(dims)} factor tensors, got {len(w.tensors)}")
         for j, (t, d) in enumerate(zip(w.tensors, dims)):
             if not isinstance(t, torch.Tensor) or t.dim() != d:
                 raise ValueError(f"{field}.tensors[{j}] of a {w.kind} weight must be a {d}-D tensor, got "
                                  f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
         _check_factor_shapes(w, field)
         return w
-    if isinstance(w, torch.Tensor):
-        if w.dim() != 2:
-            raise ValueError(f"{field} must be a 2-D (in, out) tensor or an AdapterWeight, got shape {tuple(w.shape)}")
-        return AdapterWeight.dense(w)
     raise TypeError(f"{field} must be a torch.Tensor or an AdapterWeight, got {type(w).__name__}")
 
 
@@ -131,3 +136,24 @@ def factor_grads(kind: str, tensors: tuple[torch.Tensor, ...] | list[torch.Tenso
         return [d_rule, d_b]
     s, t = tensors[1], tensors[2]
     return [d_rule, d_b @ t.transpose(1, 2), s.transpose(1, 2) @ d_b]
+
+
+def fused_factor_grads(kind: str | int, tensors: tuple[torch.Tensor, ...] | list[torch.Tensor], d_w: torch.Tensor,
+                       backend: str) -> list[torch.Tensor]:
+    """``factor_grads`` as the fused backends compute it, in eager mode and under torch.compile alike
+    (it runs inside their backward custom ops): on "triton" one launch of the Triton kernel for a PHM or
+    Compacter weight (instead of ~8 small PyTorch kernels), else, and for shapes outside that kernel,
+    the PyTorch formulas. Contiguous, each in its factor's dtype."""
+    code = kind if isinstance(kind, int) else WEIGHT_KINDS[kind]
+    if code == 0:
+        return [d_w.contiguous()]
+    if code == 3:  # GEMM outputs: contiguous
+        return factor_grads("lowrank", tensors, d_w)
+    if backend == "triton":
+        grads = triton_kernels().kron_factor_grads(code, list(tensors), d_w)
+        if grads is not None:  # None: a shape outside the kernel
+            return grads
+    return [g.contiguous() for g in factor_grads(_KIND_NAMES[code], tensors, d_w)]
+
+
+_KIND_NAMES = {v: k for k, v in WEIGHT_KINDS.items()}
