@@ -14,7 +14,7 @@ METHODS = sorted(tiny_configs())
 
 def _loss(model, family: str, kw: dict) -> torch.Tensor:
     if family in ("roberta", "bert"):
-        return model(**kw, labels=torch.tensor([0, 2])).loss
+        return model(**kw, labels=torch.tensor([0, 2], device=kw["input_ids"].device)).loss
     if family == "t5":
         return model(**kw, labels=kw["decoder_input_ids"].contiguous()).loss
     return model(**kw, labels=kw["input_ids"]).loss
@@ -73,3 +73,36 @@ def test_t5_in_fp16_with_fp32_ffn_output_projections(tmp_path, config):
 
 def test_no_family_is_left_out():
     assert set(LLAMA_FAMILIES) <= set(ALL_FAMILIES)
+
+
+GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (fp16/bf16 autocast on CUDA: the GPU check)")
+
+
+@GPU
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("family", ALL_FAMILIES)
+@pytest.mark.parametrize("method", METHODS)
+def test_training_steps_under_cuda_autocast(method, family, dtype):
+    """The same steps on the GPU (fused kernels under auto), fp16 with a GradScaler."""
+    model = tiny(family).cuda().train()
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    kadapt.patch(model, tiny_configs()[method])
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=3e-3 if method != "full_finetune" else 1e-3)
+    scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
+    kw = {k: v.cuda() for k, v in inputs(family).items()}
+    losses = []
+    for _ in range(5):
+        opt.zero_grad()
+        with torch.autocast("cuda", dtype=dtype):
+            loss = _loss(model, family, kw)
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)
+        assert all(p.grad is None or torch.isfinite(p.grad).all() for p in params)
+        scaler.step(opt)
+        scaler.update()
+        losses.append(loss.item())
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert min(losses[1:]) < losses[0], losses
