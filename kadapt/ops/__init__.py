@@ -1,4 +1,5 @@
 """Ops: each file holds the reference (the truth), the custom op and the backend dispatch."""
+from kadapt.ops.fastfood import FastfoodPlan, fastfood, fastfood_plan, fastfood_reference
 from kadapt.ops.fused_adapter import fused_adapter, fused_adapter_reference
 from kadapt.ops.inducer_attention import (
     inducer_attention,
@@ -13,7 +14,8 @@ bottleneck_adapter = fused_adapter
 bottleneck_adapter_reference = fused_adapter_reference
 
 __all__ = [
-    "WEIGHT_KINDS", "AdapterWeight", "bottleneck_adapter", "bottleneck_adapter_reference", "fused_adapter",
+    "WEIGHT_KINDS", "AdapterWeight", "FastfoodPlan", "bottleneck_adapter", "bottleneck_adapter_reference", "fastfood",
+    "fastfood_plan", "fastfood_reference", "fused_adapter",
     "fused_adapter_reference", "inducer_attention", "inducer_attention_concat_reference",
     "inducer_attention_reference", "phm_linear", "phm_linear_reference", "phm_weight", "phm_weight_reference",
 ]
