@@ -592,3 +592,41 @@ def test_attn_bias_runs_fused_unless_it_needs_a_gradient(monkeypatch, poisoned):
             inducer_attention(*ts, key_padding_mask=kpm, attn_bias=bias.requires_grad_())
     finally:
         kadapt.set_backend("auto")
+
+
+# ---------------------------------------------------------------------------------------------
+# autocast (kadapt/ops/_common.py: autocast_dtype / autocast_cast)
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_follows_autocast(backend, poisoned):
+    """Under autocast q, k, v, the key MLP and attn_bias are cast to the autocast dtype before the backend is
+    chosen (mixed dtypes are fine), O comes back in it, and the gradients reach the inputs in their own dtype;
+    outside autocast mixed dtypes raise the ValueError naming the field."""
+    device = "cuda" if fa.GPU else "cpu"
+    dtype = torch.bfloat16
+    if backend == "triton":
+        if not fa.GPU:
+            pytest.skip("bf16 Triton needs a GPU (the interpreter runs fp32 only)")
+        fa.skip_unless_runnable("triton", dtype)
+    ts, kpm = _small(device=device)
+    ts[1] = ts[1].to(dtype)  # k in bf16, the rest fp32
+    leaves = [t.requires_grad_() for t in ts]
+    bias = torch.randn(1, ts[0].shape[1], ts[0].shape[2], ts[1].shape[2], device=device)
+    with pytest.raises(ValueError, match="k has dtype torch.bfloat16 but q has torch.float32"):
+        inducer_attention(*leaves, key_padding_mask=kpm)
+    kadapt.set_backend(backend)
+    try:
+        with torch.autocast(device, dtype=dtype):
+            o, lse, w = inducer_attention(*leaves, causal=True, key_padding_mask=kpm, attn_bias=bias)
+        assert o.dtype == dtype and lse.dtype == torch.float32 and w.dtype == torch.float32
+        if backend == "triton":
+            assert poisoned, "the Triton kernels must run"
+        ref = inducer_attention_reference(*[t.detach().to(dtype) for t in leaves], causal=True,
+                                          key_padding_mask=kpm, attn_bias=bias.to(dtype))
+        for a, b in zip((o, lse, w), ref):
+            torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2)
+        grads = torch.autograd.grad((o.float().sum() + w.sum()), leaves)
+        assert [g.dtype for g in grads] == [t.dtype for t in leaves]
+        assert all(torch.isfinite(g).all() for g in grads)
+    finally:
+        kadapt.set_backend("auto")

@@ -47,23 +47,28 @@ its backward raises RuntimeError where Triton cannot run (it never falls back si
 Triton, then CUDA (``AUTO_ORDER``), then the reference: Triton runs CUDA tensors and the reference runs
 everything else.
 
-Eager calls go through a torch.autograd.Function; under torch.compile the same kernels run as the custom
-ops ``kadapt::inducer_attention`` (whose ``backend`` argument picks the Triton or the CUDA forward) /
-``kadapt::inducer_attention_backward`` (Triton).
+One autograd path (kadapt/ops/_common.py): the fused backends run ``_InducerAttentionFunction``, whose
+forward calls the custom op ``kadapt::inducer_attention`` (its ``backend`` argument picks the Triton or the
+CUDA forward) and whose backward calls ``kadapt::inducer_attention_backward`` (Triton); both are defined by
+``_common.define`` (schema, CPU/CUDA kernel, fake kernel, no autograd of their own). Eager mode and
+``torch.compile(fullgraph=True)`` run that same Function, so they compute the same gradients with the same
+kernels (on plain eager tensors the ops' kernel function is called without the dispatcher round trip).
+
+Autocast: when autocast is enabled for q's device type, q, k, v, the key-MLP tensors and ``attn_bias`` are
+cast to the autocast dtype (float64 tensors excepted, as autocast does) before the backend is chosen; O comes
+back in that dtype (LSE and w in fp32) and the gradients reach the inputs in their own dtype. Outside autocast,
+q, k, v and the key MLP must share one dtype (ValueError naming the first that does not).
 """
 from __future__ import annotations
 
-import logging
 import math
-from typing import Optional
 
 import torch
 
 from kadapt import _extension, backends
+from kadapt.ops._common import FLOAT_DTYPES, autocast_cast, autocast_dtype, define, log_backend, unsupported_dtype
 
-logger = logging.getLogger("kadapt")
-
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_DTYPES = FLOAT_DTYPES
 MAX_HEAD_DIM = 128
 # Widest key MLP the Triton kernels take (the padded m_k tile); wider ones run the reference under "auto".
 TRITON_MAX_KEY_MLP = 128
@@ -73,11 +78,6 @@ CUDA_MAX_HEAD_DIM = _extension.INDUCER_ATTENTION_MAX_HEAD_DIM
 # Fused backends under "auto", first that can run wins. Triton first: the two forwards have not been
 # measured against each other yet (and only Triton has a backward of its own).
 AUTO_ORDER = ("triton", "cuda")
-
-
-def _log_backend(msg: str, *args) -> None:
-    if not torch.compiler.is_compiling():
-        logger.debug(msg, *args)
 
 
 def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -258,11 +258,59 @@ def _zeros_or(g, like):
     return torch.zeros_like(like, dtype=_stats_dtype(like.dtype)) if g is None else g.contiguous()
 
 
+# ---------------------------------------------------------------------------------------------
+# the kernel boundary: custom ops (no autograd of their own; _InducerAttentionFunction is their autograd)
+
+def _forward_impl(q, k, v, A_k, a_k, B_k, b_k, kpm, scale, causal, backend, dropout_p, seed, bias):
+    return _fwd(q, k, v, (A_k, a_k, B_k, b_k), kpm, scale, causal, backend, dropout_p, seed, bias)
+
+
+def _forward_fake(q, k, v, A_k, a_k, B_k, b_k, kpm, scale, causal, backend, dropout_p, seed, bias):
+    st = _stats_dtype(q.dtype)
+    return torch.empty_like(q), q.new_empty(q.shape[:-1], dtype=st), q.new_empty(q.shape[:-1], dtype=st)
+
+
+# (O, LSE, w) for contiguous q (B, H, Tq, d) and k, v (B, H_kv, Tk, d) (H_kv divides H: GQA); kpm is the int8
+# (B, Tk) key padding mask or None; ``backend`` ("triton" | "cuda") picks the forward kernel (the backward is
+# Triton's either way); ``seed`` (int64 CPU scalar tensor) keys the attention-probability dropout when
+# ``dropout_p`` > 0; ``bias`` is an additive logit bias broadcasting to (B, H, Tq, Tk) (no gradient).
+_inducer_attention_op = define(
+    "inducer_attention(Tensor q, Tensor k, Tensor v, Tensor? A_k, Tensor? a_k, Tensor? B_k, Tensor? b_k, "
+    "Tensor? kpm, float scale, bool causal, str backend, float dropout_p, Tensor? seed, Tensor? bias) "
+    "-> (Tensor, Tensor, Tensor)", _forward_impl, _forward_fake)
+
+
+def _backward_impl(q, k, v, A_k, a_k, B_k, b_k, kpm, o, lse, w, do, dlse, dw, scale, causal, dropout_p, seed, bias):
+    grads = _bwd(q, k, v, (A_k, a_k, B_k, b_k), kpm, o, lse, w, do, dlse, dw, scale, causal, dropout_p, seed, bias)
+    return [g for g in grads if g is not None]
+
+
+def _backward_fake(q, k, v, A_k, a_k, B_k, b_k, kpm, o, lse, w, do, dlse, dw, scale, causal, dropout_p, seed,
+                   bias):
+    out = [torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)]
+    if A_k is not None:
+        out += [torch.empty_like(A_k), torch.empty_like(a_k), torch.empty_like(B_k), torch.empty_like(b_k)]
+    return out
+
+
+# [dq, dk, dv] (+ [dA_k, da_k, dB_k, db_k] with a key MLP) (Triton); dk, dv have k's (B, H_kv, Tk, d) shape
+# (GQA: summed over each KV head's query heads); do, dlse, dw contiguous (zeros for an output without gradient);
+# dropout_p, seed and bias those of the forward.
+_inducer_attention_backward_op = define(
+    "inducer_attention_backward(Tensor q, Tensor k, Tensor v, Tensor? A_k, Tensor? a_k, Tensor? B_k, Tensor? b_k, "
+    "Tensor? kpm, Tensor o, Tensor lse, Tensor w, Tensor do, Tensor dlse, Tensor dw, float scale, bool causal, "
+    "float dropout_p, Tensor? seed, Tensor? bias) -> Tensor[]", _backward_impl, _backward_fake)
+
+
 class _InducerAttentionFunction(torch.autograd.Function):
+    """The autograd of the fused backends, in eager mode and under torch.compile alike: forward calls
+    kadapt::inducer_attention (the Triton or the CUDA forward), backward kadapt::inducer_attention_backward
+    (Triton)."""
+
     @staticmethod
     def forward(ctx, q, k, v, A_k, a_k, B_k, b_k, kpm, scale, causal, backend, dropout_p, seed, bias):
-        mlp = (A_k, a_k, B_k, b_k)
-        o, lse, w = _fwd(q, k, v, mlp, kpm, scale, causal, backend, dropout_p, seed, bias)
+        o, lse, w = _inducer_attention_op(q, k, v, A_k, a_k, B_k, b_k, kpm, scale, causal, backend, dropout_p, seed,
+                                          bias)
         ctx.save_for_backward(q, k, v, A_k, a_k, B_k, b_k, kpm, o, lse, w, seed, bias)
         ctx.meta = (scale, causal, backend, dropout_p)
         ctx.set_materialize_grads(False)
@@ -274,76 +322,11 @@ class _InducerAttentionFunction(torch.autograd.Function):
         scale, causal, backend, dropout_p = ctx.meta
         _check_backward_runs(q, backend)
         do = torch.zeros_like(o) if do is None else do.contiguous()
-        grads = _bwd(q, k, v, (A_k, a_k, B_k, b_k), kpm, o, lse, w, do, _zeros_or(dlse, lse), _zeros_or(dw, w),
-                     scale, causal, dropout_p, seed, bias)
+        grads = _inducer_attention_backward_op(q, k, v, A_k, a_k, B_k, b_k, kpm, o, lse, w, do, _zeros_or(dlse, lse),
+                                               _zeros_or(dw, w), scale, causal, dropout_p, seed, bias)
+        if A_k is None:
+            grads = [*grads, None, None, None, None]
         return (*grads, None, None, None, None, None, None, None)
-
-
-# ---------------------------------------------------------------------------------------------
-# custom ops (what torch.compile traces)
-
-@torch.library.custom_op("kadapt::inducer_attention", mutates_args=())
-def _inducer_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, A_k: Optional[torch.Tensor],
-                          a_k: Optional[torch.Tensor], B_k: Optional[torch.Tensor], b_k: Optional[torch.Tensor],
-                          kpm: Optional[torch.Tensor], scale: float, causal: bool, backend: str, dropout_p: float,
-                          seed: Optional[torch.Tensor], bias: Optional[torch.Tensor]
-                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(O, LSE, w) for contiguous q (B, H, Tq, d) and k, v (B, H_kv, Tk, d) (H_kv divides H: GQA); kpm is the
-    int8 (B, Tk) key padding mask or None;
-    ``backend`` ("triton" | "cuda") picks the forward kernel (the backward is Triton's either way);
-    ``seed`` (int64 CPU scalar tensor) keys the attention-probability dropout when ``dropout_p`` > 0;
-    ``bias`` is an additive logit bias broadcasting to (B, H, Tq, Tk) (no gradient)."""
-    return _fwd(q, k, v, (A_k, a_k, B_k, b_k), kpm, scale, causal, backend, dropout_p, seed, bias)
-
-
-@_inducer_attention_op.register_fake
-def _(q, k, v, A_k, a_k, B_k, b_k, kpm, scale, causal, backend, dropout_p, seed, bias):
-    st = _stats_dtype(q.dtype)
-    return torch.empty_like(q), q.new_empty(q.shape[:-1], dtype=st), q.new_empty(q.shape[:-1], dtype=st)
-
-
-@torch.library.custom_op("kadapt::inducer_attention_backward", mutates_args=())
-def _inducer_attention_backward_op(
-        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, A_k: Optional[torch.Tensor], a_k: Optional[torch.Tensor],
-        B_k: Optional[torch.Tensor], b_k: Optional[torch.Tensor], kpm: Optional[torch.Tensor], o: torch.Tensor,
-        lse: torch.Tensor, w: torch.Tensor, do: torch.Tensor, dlse: torch.Tensor, dw: torch.Tensor, scale: float,
-        causal: bool, dropout_p: float, seed: Optional[torch.Tensor], bias: Optional[torch.Tensor]
-        ) -> list[torch.Tensor]:
-    """[dq, dk, dv] (+ [dA_k, da_k, dB_k, db_k] with a key MLP); dk, dv have k's (B, H_kv, Tk, d) shape (GQA:
-    summed over each KV head's query heads)."""
-    grads = _bwd(q, k, v, (A_k, a_k, B_k, b_k), kpm, o, lse, w, do, dlse, dw, scale, causal, dropout_p, seed, bias)
-    return [g for g in grads if g is not None]
-
-
-@_inducer_attention_backward_op.register_fake
-def _(q, k, v, A_k, a_k, B_k, b_k, kpm, o, lse, w, do, dlse, dw, scale, causal, dropout_p, seed, bias):
-    out = [torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)]
-    if A_k is not None:
-        out += [torch.empty_like(A_k), torch.empty_like(a_k), torch.empty_like(B_k), torch.empty_like(b_k)]
-    return out
-
-
-def _setup_context(ctx, inputs, output):
-    q, k, v, A_k, a_k, B_k, b_k, kpm, scale, causal, backend, dropout_p, seed, bias = inputs
-    o, lse, w = output
-    ctx.save_for_backward(q, k, v, A_k, a_k, B_k, b_k, kpm, o, lse, w, seed, bias)
-    ctx.meta = (scale, causal, backend, dropout_p)
-
-
-def _backward(ctx, do, dlse, dw):
-    q, k, v, A_k, a_k, B_k, b_k, kpm, o, lse, w, seed, bias = ctx.saved_tensors
-    scale, causal, backend, dropout_p = ctx.meta
-    _check_backward_runs(q, backend)
-    do = torch.zeros_like(o) if do is None else do.contiguous()
-    grads = torch.ops.kadapt.inducer_attention_backward(
-        q, k, v, A_k, a_k, B_k, b_k, kpm, o, lse, w, do, _zeros_or(dlse, lse), _zeros_or(dw, w), scale, causal,
-        dropout_p, seed, bias)
-    if A_k is None:
-        grads = list(grads) + [None] * 4
-    return (*grads, None, None, None, None, None, None, None)
-
-
-_inducer_attention_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -402,7 +385,7 @@ def _check(q, k, v, mlp, key_padding_mask) -> None:
 
 def _triton_unsupported(q, mlp) -> str | None:
     if q.dtype not in _DTYPES:
-        return f"dtype {q.dtype} is not one of float32, float16, bfloat16"
+        return unsupported_dtype(q.dtype)
     if mlp[0] is not None and mlp[0].shape[2] > TRITON_MAX_KEY_MLP:
         return f"key-MLP width m_k={mlp[0].shape[2]} exceeds the kernel's {TRITON_MAX_KEY_MLP}"
     return None
@@ -417,7 +400,7 @@ def _cuda_unsupported(q, mlp) -> str | None:
     if q.is_cuda and torch.cuda.get_device_capability(q.device) < (8, 0):
         return "the CUDA kernel needs compute capability ≥ 8.0 (mma.sync bf16, cp.async)"
     if q.dtype not in _DTYPES:
-        return f"dtype {q.dtype} is not one of float32, float16, bfloat16"
+        return unsupported_dtype(q.dtype)
     if q.shape[-1] > CUDA_MAX_HEAD_DIM:
         return f"head dim d={q.shape[-1]} exceeds the kernel's {CUDA_MAX_HEAD_DIM}"
     if mlp[0] is not None and mlp[0].shape[2] > CUDA_MAX_KEY_MLP:
@@ -464,6 +447,10 @@ def inducer_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, A_k: to
     keep-mask) is computed by the reference only. Under "auto" such calls run the next backend that can;
     a forced backend that cannot refuses them.
     """
+    dtype = autocast_dtype(q) if isinstance(q, torch.Tensor) else None
+    if dtype is not None:  # compute in the autocast dtype, as autocast casts a matmul's operands
+        q, k, v, A_k, a_k, B_k, b_k, attn_bias = (autocast_cast(t, dtype) if isinstance(t, torch.Tensor) else t
+                                                  for t in (q, k, v, A_k, a_k, B_k, b_k, attn_bias))
     mlp = (A_k, a_k, B_k, b_k)
     _check(q, k, v, mlp, key_padding_mask)
     _check_extras(q, k, attn_mask, attn_bias, dropout_p)
@@ -490,7 +477,7 @@ def inducer_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, A_k: to
         cuda_reason = "its backward runs the Triton kernels and triton is not installed"
     backend = backends.resolve("inducer_attention", q, cuda_unsupported=cuda_reason,
                                triton_unsupported=triton_reason, order=AUTO_ORDER)
-    _log_backend("inducer_attention: %s backend", backend)
+    log_backend("inducer_attention", backend)
     if backend == "reference":
         return inducer_attention_reference(q, k, v, A_k, a_k, B_k, b_k, scale, causal, key_padding_mask, gating,
                                            attn_mask, attn_bias, float(dropout_p))
@@ -501,12 +488,8 @@ def inducer_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, A_k: to
     # A CPU scalar from torch's default generator: reproducible under torch.manual_seed, no device sync.
     seed = torch.randint(0, 2 ** 62, (), dtype=torch.int64) if dropout_p > 0 else None
     bias = attn_bias  # needs no gradient here (checked above): the T5 relative-bias table is frozen
-    if torch.compiler.is_compiling():
-        o, lse, w = torch.ops.kadapt.inducer_attention(q, k, v, *mlp, kpm, scale, bool(causal), backend, dropout_p,
-                                                       seed, bias)
-    else:
-        o, lse, w = _InducerAttentionFunction.apply(q, k, v, *mlp, kpm, scale, bool(causal), backend, dropout_p,
-                                                    seed, bias)
+    o, lse, w = _InducerAttentionFunction.apply(q, k, v, *mlp, kpm, scale, bool(causal), backend, dropout_p, seed,
+                                                bias)
     if gating:
         o = (1 - w)[..., None].to(o.dtype) * o
     return o, lse, w
