@@ -1,4 +1,5 @@
-"""What every fused op (fused_adapter, phm, inducer_attention, fastfood) shares: the kernel-boundary op definitions, dtype checks, autocast, backend logging.
+"""What every fused op (fused_adapter, phm, inducer_attention, fastfood) shares: the kernel-boundary op
+definitions, dtype checks, autocast, backend logging.
 
 Shape of an op (kadapt/ops/fused_adapter.py, phm.py): a public function checks its arguments, applies
 autocast (``autocast_dtype`` / ``autocast_cast``), picks the backend (kadapt.backends.resolve) and runs
