@@ -69,7 +69,7 @@
 #   occurrence wins, e.g. ATTN_ARGS="--providers sdpa triton cuda"), TRAIN_METHODS (comma list),
 #   CUDA_HOME (/usr/local/cuda), TORCH_CUDA_ARCH_LIST (9.0), MAX_JOBS (16).
 #
-# Dry run (GPU_CHECK_DRY_RUN=1; tests/test_gpu_check.py runs it in CI): every requested stage on the CPU,
+# Dry run (GPU_CHECK_DRY_RUN=1; tests/integration/test_gpu_check.py runs it in CI): every requested stage on the CPU,
 # to test this script, not kadapt. CUDA_VISIBLE_DEVICES="" and TRITON_INTERPRET=1 (Triton in its
 # interpreter); nvidia-smi may be absent. build: NOTHING is built or installed (no pip, no .wheels):
 # `python -m kadapt info` of the current environment; the prewarm runs `sleep 60` stand-ins, stopped after
@@ -372,31 +372,31 @@ bounded() {
 # test units: "label|file|-k expression" (empty expression: the whole file), in priority order
 
 TEST_UNITS=(
-    "cuda_kernels|test_cuda_kernels.py|"
-    "fused_adapter.triton.bf16|test_fused_adapter.py|[triton-bf16-0]"
-    "inducer_attention.triton.bf16|test_inducer_attention.py|[triton-bf16-0]"
-    "phm.triton.bf16|test_phm.py|[triton-bf16-0]"
-    "build|test_build.py|"
-    "ops|test_ops.py|"
-    "custom_ops|test_custom_ops.py|"
-    "op_autocast|test_op_autocast.py|"
-    "fused_adapter.rest|test_fused_adapter.py|not random_configs or [cuda- or [reference-bf16-0]"
-    "inducer_attention.rest|test_inducer_attention.py|not random_configs or [reference-bf16-0]"
-    "phm.rest|test_phm.py|not random_configs or [cuda- or [reference-bf16-0]"
-    "inducer_gqa|test_inducer_gqa.py|not kernels_match_reference or [0]"
-    "inducer_dropout|test_inducer_dropout.py|not random_configs or [0]"
-    "inducer_bias|test_inducer_bias.py|not random_configs or [0]"
-    "fused_adapter.triton.fp32|test_fused_adapter.py|[triton-fp32-0]"
-    "inducer_attention.triton.fp32|test_inducer_attention.py|[triton-fp32-0]"
-    "phm.triton.fp32|test_phm.py|[triton-fp32-0]"
-    "fused_adapter.triton.fp16|test_fused_adapter.py|[triton-fp16-0]"
-    "inducer_attention.triton.fp16|test_inducer_attention.py|[triton-fp16-0]"
-    "phm.triton.fp16|test_phm.py|[triton-fp16-0]"
-    "attention_methods|test_attention_methods.py|triton or compile or fused"
-    "patch|test_patch.py|compile"
-    "llama|test_llama.py|triton or compile"
-    "mixed_precision|test_mixed_precision.py|"
-    "conformance|test_conformance.py|"
+    "cuda_kernels|ops/test_cuda_kernels.py|"
+    "fused_adapter.triton.bf16|ops/test_fused_adapter.py|[triton-bf16-0]"
+    "inducer_attention.triton.bf16|ops/test_inducer_attention.py|[triton-bf16-0]"
+    "phm.triton.bf16|ops/test_phm.py|[triton-bf16-0]"
+    "build|integration/test_build.py|"
+    "ops|ops/test_ops.py|"
+    "custom_ops|ops/test_custom_ops.py|"
+    "op_autocast|ops/test_op_autocast.py|"
+    "fused_adapter.rest|ops/test_fused_adapter.py|not random_configs or [cuda- or [reference-bf16-0]"
+    "inducer_attention.rest|ops/test_inducer_attention.py|not random_configs or [reference-bf16-0]"
+    "phm.rest|ops/test_phm.py|not random_configs or [cuda- or [reference-bf16-0]"
+    "inducer_gqa|ops/test_inducer_gqa.py|not kernels_match_reference or [0]"
+    "inducer_dropout|ops/test_inducer_dropout.py|not random_configs or [0]"
+    "inducer_bias|ops/test_inducer_bias.py|not random_configs or [0]"
+    "fused_adapter.triton.fp32|ops/test_fused_adapter.py|[triton-fp32-0]"
+    "inducer_attention.triton.fp32|ops/test_inducer_attention.py|[triton-fp32-0]"
+    "phm.triton.fp32|ops/test_phm.py|[triton-fp32-0]"
+    "fused_adapter.triton.fp16|ops/test_fused_adapter.py|[triton-fp16-0]"
+    "inducer_attention.triton.fp16|ops/test_inducer_attention.py|[triton-fp16-0]"
+    "phm.triton.fp16|ops/test_phm.py|[triton-fp16-0]"
+    "attention_methods|methods/test_attention_methods.py|triton or compile or fused"
+    "patch|integration/test_patch.py|compile"
+    "llama|methods/test_llama.py|triton or compile"
+    "mixed_precision|integration/test_mixed_precision.py|"
+    "conformance|integration/test_conformance.py|"
 )
 if [ -n "${TEST_UNITS_FILE:-}" ]; then
     mapfile -t TEST_UNITS < <(grep -v '^[[:space:]]*\(#\|$\)' "$TEST_UNITS_FILE")

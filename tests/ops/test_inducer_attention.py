@@ -8,7 +8,7 @@ with the reference evaluated in float64. Triton's buffers are NaN-poisoned; with
 Triton's interpreter in fp32 (tests/conftest.py sets TRITON_INTERPRET). Also: the σ(s0 − LSE) = concat-softmax
 identity, a float64 gradcheck of the reference, fully masked rows, gating, dispatch, bad inputs, torch.compile,
 and the "cuda" backend's Python glue (CUDA forward + Triton backward, reasons, auto's order, compile) with the
-CUDA forward stood in by its math (the kernel itself: tests/test_cuda_kernels.py, GPU).
+CUDA forward stood in by its math (the kernel itself: tests/ops/test_cuda_kernels.py, GPU).
 """
 from __future__ import annotations
 
@@ -321,7 +321,7 @@ def test_forced_cuda_on_cpu_tensors_raises():
 # the "cuda" backend's Python glue on the CPU: the call of kadapt::inducer_attention_fwd (op_module._cuda_fwd,
 # one line) stood in by its math (the reference), so the dispatch, the autograd glue (CUDA forward + Triton
 # backward) and the compile path run without a GPU. (Patching torch.ops.kadapt itself breaks torch internals
-# that later walk the op namespaces.) The kernel: tests/test_cuda_kernels.py (GPU).
+# that later walk the op namespaces.) The kernel: tests/ops/test_cuda_kernels.py (GPU).
 
 def _cuda_stand_in(monkeypatch) -> list:
     """Replace the CUDA forward by the reference math; returns the list of recorded calls."""

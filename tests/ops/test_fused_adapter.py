@@ -34,7 +34,7 @@ KINDS = ["dense", "lowrank", "phm", "compacter"]
 FUSED_BACKENDS = ["triton", "cuda"]
 
 # ---------------------------------------------------------------------------------------------
-# helpers shared by the op tests (tests/test_phm.py imports them from here)
+# helpers shared by the op tests (tests/ops/test_phm.py imports them from here)
 
 # Tolerance rule (assert_matches): with ref the float64 result and ref_lp the same reference formula
 # evaluated by PyTorch in the test dtype (same inputs, same device), a result passes when every

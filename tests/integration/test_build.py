@@ -1,6 +1,6 @@
 """The build: kadapt._C, its op schemas and fake kernels, _build_info.json, `python -m kadapt info`,
 setup.py's CUDA decision, and (on a GPU) the ops' argument checks and opcheck. The kernels' numerics are
-tested against a float64 reference in tests/test_cuda_kernels.py.
+tested against a float64 reference in tests/ops/test_cuda_kernels.py.
 
 Run with `.venv/bin/pytest -q tests` from the repository root (see .ci/run): that imports the
 installed package, which has kadapt._C. Set KADAPT_REQUIRE_EXTENSION=1 (CI does) to turn "the
@@ -21,7 +21,7 @@ import torch
 import kadapt
 from kadapt import _extension
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SCHEMAS = {
     "fused_adapter_fwd": "kadapt::fused_adapter_fwd(Tensor x, Tensor? residual, bool add_input, Tensor w_down, "
                          "Tensor b_down, Tensor w_up, Tensor b_up, int activation) -> (Tensor y, Tensor z)",
@@ -305,7 +305,7 @@ def test_decision_real_environment(setup_mod):
 
 
 # ---------------------------------------------------------------------------------------------
-# the ops on a GPU: argument checks and opcheck (numerics: tests/test_cuda_kernels.py)
+# the ops on a GPU: argument checks and opcheck (numerics: tests/ops/test_cuda_kernels.py)
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

@@ -4,7 +4,7 @@ phm_linear: ≥ 200 random configurations per backend (triton, cuda; reference t
 gradients of x, A, B (or s and t) and the bias against the float64 reference, Triton's buffers
 NaN-poisoned. phm_weight: the built W and its factor gradients for a random upstream dW. One rule A
 shared by several calls gets the summed gradient. Plus dispatch, bad inputs and torch.compile.
-The tolerance rule, the poisoning and the backend handling are those of tests/test_fused_adapter.py.
+The tolerance rule, the poisoning and the backend handling are those of tests/ops/test_fused_adapter.py.
 """
 from __future__ import annotations
 

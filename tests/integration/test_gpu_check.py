@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "gpu_check.sh"
 DEFAULT_STAGES = ["build", "test", "bench", "attn", "train"]
 # knobs that would change the run if they leaked in from the environment

@@ -7,10 +7,10 @@ parameters in fp32. Outside autocast, mixed dtypes stay a ValueError naming the 
 
 Checked here, forward and backward: the reference backend in bf16 and fp16; Triton in its interpreter on the
 CPU with fp16 autocast (CPU autocast takes fp16; bf16 x bf16 tl.dot is wrong in the interpreter), bf16 too on a
-GPU; the CUDA path's Python glue on the CPU with its kernels replaced by their math (tests/test_ops.py), the
+GPU; the CUDA path's Python glue on the CPU with its kernels replaced by their math (tests/ops/test_ops.py), the
 CUDA kernels themselves on a GPU; fp16 with torch.amp.GradScaler; torch.compile(fullgraph=True) under
 autocast. Values are compared with the reference computed in fp32 from the same fp32 parameters, by the
-tolerance rule of tests/test_fused_adapter.py (TOL[dtype] x max|ref| + twice PyTorch's own error in that
+tolerance rule of tests/ops/test_fused_adapter.py (TOL[dtype] x max|ref| + twice PyTorch's own error in that
 dtype). What only a GPU can check is skipped with a reason that says "needs a GPU".
 """
 from __future__ import annotations
@@ -199,7 +199,7 @@ def test_phm_ops_follow_autocast(backend, dtype, op, poisoned):
 @pytest.mark.skipif(GPU, reason="on a GPU the cuda backend itself runs in the tests above")
 @pytest.mark.parametrize("case", ["houlsby", "compacter-phm-shared-A", "phm_linear", "phm_weight"])
 def test_cuda_path_glue_follows_autocast(monkeypatch, case):
-    """The cuda backend with its kernels replaced by their math (tests/test_ops.py), under fp16 CPU
+    """The cuda backend with its kernels replaced by their math (tests/ops/test_ops.py), under fp16 CPU
     autocast: the casts happen before the backend runs, so its glue sees one dtype and its gradients
     reach the fp32 parameters."""
     import test_ops

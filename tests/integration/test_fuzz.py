@@ -578,12 +578,12 @@ def _summary():
 def _uncovered(method: str) -> str | None:
     """Why ``method`` cannot be fuzzed (no strategy, or fields without one), or None."""
     if method not in STRATEGIES:
-        return (f"method {method!r} is registered (kadapt.METHODS) but tests/test_fuzz.py has no strategy for it: "
+        return (f"method {method!r} is registered (kadapt.METHODS) but tests/integration/test_fuzz.py has no strategy for it: "
                 f"add STRATEGIES[{method!r}] with a strategy per field of {kadapt.METHODS[method].__name__}")
     fields = {f.name for f in dataclasses.fields(kadapt.METHODS[method])} - {"method"}  # see test_method_is_not_a_field
     missing, extra = sorted(fields - set(STRATEGIES[method])), sorted(set(STRATEGIES[method]) - fields)
     if missing or extra:
-        return (f"tests/test_fuzz.py STRATEGIES[{method!r}] does not match the fields of "
+        return (f"tests/integration/test_fuzz.py STRATEGIES[{method!r}] does not match the fields of "
                 f"{kadapt.METHODS[method].__name__}: fields without a strategy {missing}, strategies for no field "
                 f"{extra}")
     return None

@@ -10,7 +10,7 @@ import kadapt
 from _models import inputs, output, tiny
 from kadapt.methods import base
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
 
 
 def test_adding_a_method_example_registers_and_patches():
