@@ -306,8 +306,8 @@ def pytest_collection_modifyitems(session, config, items):
     with open(f"{QUEUE}/units") as f:
         units = [line.rstrip("\n").split("|") for line in f if line.strip()]
     for n, (label, file, k) in enumerate(units):
-        tests = by_file.get(file, [])
-        if file in BROKEN:
+        tests = by_file.get(os.path.basename(file), [])  # units name tests/<layer>/<file>; basenames are unique
+        if os.path.basename(file) in BROKEN:
             rc, line = 2, f"{file}: collection error (collect.log)"
         else:
             chosen = tests
