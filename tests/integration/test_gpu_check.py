@@ -51,7 +51,7 @@ def test_dry_run_runs_every_default_stage_and_writes_the_summary(tmp_path):
     assert "kadapt._C:" in (out / "info.txt").read_text()
     # test: the worker path ran pytest --co from /, and every unit's -k selected tests (or the file is absent)
     test_section = summary.split("## test:")[1].split("\n## ")[0]
-    units = re.findall(r"^\| (\d+) \| ([\w.]+) \| (test_\w+\.py) \| `[^`]*` \| ([A-Z ()0-9]+) \|", test_section, re.M)
+    units = re.findall(r"^\| (\d+) \| ([\w.]+) \| ((?:\w+/)?test_\w+\.py) \| `[^`]*` \| ([A-Z ()0-9]+) \|", test_section, re.M)
     assert len(units) >= 10 and {u[3] for u in units} == {"PASS"}, test_section
     assert {"cuda_kernels", "fused_adapter.triton.bf16", "inducer_attention.triton.bf16"} <= {u[1] for u in units}
     assert "tests collected" in (out / "tests" / "test" / "00_cuda_kernels.log").read_text()
