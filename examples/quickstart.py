@@ -37,7 +37,8 @@ DEFAULT_LR = {"adapter": 1e-3, "pfeiffer": 1e-3, "full_finetune": 5e-5, "bitfit"
               "low_rank_adapter": 3e-3, "phm_adapter": 3e-3, "compacter": 3e-3, "compacter++": 3e-3,
               "lora": 1e-2, "parallel_adapter": 1e-2, "kernel_mix": 1e-2, "inducer_tuning": 1e-2,
               "prefix_tuning": 3e-3, "mam": 3e-3,  # both collapse to one class at 1e-2
-              "prompt_tuning": 3e-2}
+              "prompt_tuning": 3e-2,
+              "intrinsic_said": 3e-2}  # SAID: the Compacter paper's rate (METHODS.md §10), not swept here
 FALLBACK_LR = 1e-3  # for a method registered in kadapt.METHODS after this table was made
 
 

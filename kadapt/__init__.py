@@ -23,8 +23,10 @@ from kadapt.configs import (
     PHMAdapterConfig,
     PrefixTuningConfig,
     PromptTuningConfig,
+    IntrinsicSAIDConfig,
     preset,
 )
+from kadapt.methods.said import said_step
 from kadapt.patching import eject, merge, patch, unpatch
 
 __version__ = "0.1.0"
@@ -35,7 +37,7 @@ __all__ = [
     "AdapterConfig", "PfeifferConfig", "LowRankAdapterConfig", "PHMAdapterConfig", "CompacterConfig",
     "CompacterPlusPlusConfig", "BitFitConfig", "FullFinetuneConfig", "LoRAConfig",
     "ParallelAdapterConfig", "KernelMixConfig", "PrefixTuningConfig", "InducerTuningConfig", "MAMConfig",
-    "PromptTuningConfig",
+    "PromptTuningConfig", "IntrinsicSAIDConfig", "said_step",
     "KadaptConfig", "METHODS", "PRESETS",
     "preset", "__version__",
 ]

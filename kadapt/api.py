@@ -49,6 +49,8 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike) -> None:
         "hidden_size": record.hidden_size,
         "shapes": {k: list(v.shape) for k, v in state.items()},
     }
+    if record.state_checks:  # JSON state a method keeps beside its tensors (SAID: the base model's identity)
+        meta["method_state"] = {name: save() for name, (save, _) in record.state_checks.items()}
     save_file(state, str(directory / WEIGHTS_NAME),
               metadata={"format": "pt", "kadapt": str(FORMAT_VERSION), "kadapt_methods": _methods(record.config)})
     (directory / CONFIG_NAME).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
@@ -155,6 +157,12 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
             if not weights[name].dtype.is_floating_point:
                 raise ValueError(f"adapter tensor {name!r} has dtype {weights[name].dtype}; expected a float dtype")
         record = get_record(model)
+        saved_state = meta.get("method_state", {})
+        for name, (_, check) in record.state_checks.items():
+            try:
+                check(saved_state.get(name) if isinstance(saved_state, dict) else None)
+            except ValueError as e:
+                raise ValueError(f"{directory}: {e}") from e
         known = {id(p) for p, _ in record.snapshots}
         record.snapshots += [(params[n], params[n].detach().to("cpu", copy=True)) for n in extra
                              if id(params[n]) not in known]

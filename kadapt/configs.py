@@ -23,12 +23,14 @@ from kadapt.methods.mam import MAMConfig
 from kadapt.methods.parallel import ParallelAdapterConfig
 from kadapt.methods.prefix import PrefixTuningConfig
 from kadapt.methods.prompt import PromptTuningConfig
+from kadapt.methods.said import IntrinsicSAIDConfig
 
 __all__ = [
     "ACTIVATIONS", "LORA_TARGETS", "METHODS", "PLACEMENTS", "PRESETS", "AdapterConfig", "BitFitConfig",
     "BottleneckConfig", "CompacterConfig", "CompacterPlusPlusConfig", "FullFinetuneConfig", "InducerTuningConfig",
     "KadaptConfig", "KernelMixConfig", "LoRAConfig", "LowRankAdapterConfig", "MAMConfig", "ParallelAdapterConfig",
-    "PfeifferConfig", "PHMAdapterConfig", "PrefixTuningConfig", "PromptTuningConfig", "bottleneck_size", "preset",
+    "PfeifferConfig", "PHMAdapterConfig", "PrefixTuningConfig", "PromptTuningConfig", "IntrinsicSAIDConfig",
+    "bottleneck_size", "preset",
 ]
 
 _PRESETS: dict[str, Any] = {
@@ -41,6 +43,8 @@ _PRESETS: dict[str, Any] = {
     "compacter_paper.compacter": lambda: CompacterConfig(),
     "compacter_paper.compacter++": lambda: CompacterPlusPlusConfig(),
     "compacter_paper.bitfit": lambda: BitFitConfig(compat_bitfit_skip_final_ln=True),
+    # METHODS.md §4: the GLUE configuration, d_I = 20,000 (the efficiency experiment used 1,400).
+    "compacter_paper.intrinsic_said": lambda: IntrinsicSAIDConfig(intrinsic_dim=20000),
     # docs/methods.md §15: kernel-adapters GPT-2 NLG `pfeiffer-adapter` (sequential at attn_out, m = 108).
     "kernel_adapters.nlg.pfeiffer-adapter": lambda: PfeifferConfig(
         placement="attn", reduction_factor=7.11, ln_pre=True, activation="relu", init="torch_default",

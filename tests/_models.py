@@ -79,6 +79,7 @@ def tiny_configs() -> dict[str, kadapt.KadaptConfig]:
         "mam": kadapt.MAMConfig(prefix=kadapt.PrefixTuningConfig(prefix_length=4, hidden_size=8),
                                 parallel_adapter=kadapt.ParallelAdapterConfig(bottleneck_dim=8)),
         "prompt_tuning": kadapt.PromptTuningConfig(prompt_length=4),
+        "intrinsic_said": kadapt.IntrinsicSAIDConfig(intrinsic_dim=300, seed=5),
     }
 
 
@@ -189,10 +190,11 @@ def returned_cache(out):
     return getattr(out, "cache", None) if getattr(out, "cache", None) is not None else out.past_key_values
 
 
-def enable_checkpointing(model: torch.nn.Module) -> None:
+def enable_checkpointing(model: torch.nn.Module, options: dict | None = None) -> None:
     """Activation (gradient) checkpointing under the name this transformers has: activation_checkpointing_enable
-    (5.2x; gradient_checkpointing_enable is deprecated for v6) or gradient_checkpointing_enable (5.17)."""
-    options = {"use_reentrant": False}
+    (5.2x; gradient_checkpointing_enable is deprecated for v6) or gradient_checkpointing_enable (5.17).
+    ``options`` go to torch.utils.checkpoint (default non-reentrant)."""
+    options = {"use_reentrant": False} if options is None else options
     if hasattr(model, "activation_checkpointing_enable"):
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=options)
     else:

@@ -11,4 +11,5 @@ from kadapt.methods import (  # noqa: F401
     inducer,
     mam,
     prompt,
+    said,
 )

@@ -127,11 +127,14 @@ class Method:
 
     ``mergeable``: its plan registers folds (``plan.on_merge``) so ``kadapt.merge`` can take it out.
     ``ejectable``: its plan may register ``plan.on_eject`` (e.g. prefix tuning dropping its MLP).
+    ``exclusive``: it re-parameterises every tensor of the model (task heads included), so it composes with
+    no other method and the patcher does not train task heads beside it.
     """
 
     config_class: ClassVar[type[KadaptConfig]]
     mergeable: ClassVar[bool] = False
     ejectable: ClassVar[bool] = False
+    exclusive: ClassVar[bool] = False
 
     def plan(self, config: KadaptConfig, plan: "Plan") -> None:
         raise NotImplementedError

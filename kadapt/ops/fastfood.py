@@ -253,21 +253,27 @@ def _ks(L: int, device) -> torch.Tensor:
     return torch.arange(L, device=device, dtype=torch.int64)
 
 
+def compute_dtype(t: torch.Tensor) -> torch.dtype:
+    """The reference computes in fp32, or in fp64 for fp64 input (finite-difference gradient checks); the
+    random draws are fp32 values either way, so both compute the same function up to rounding."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
 def fastfood_one_reference(z: torch.Tensor, plan: FastfoodPlan, i: int) -> torch.Tensor:
-    """v_i = P_i z (fp32, length N_i)."""
+    """v_i = P_i z (length N_i; fp32, fp64 for fp64 z)."""
     n, L, keys = plan.sizes[i], plan.lengths[i], plan.keys[i]
     k = _ks(L, z.device)
-    m = min(plan.d_z, L)
-    x = F.pad(z[:m].to(torch.float32), (0, L - m))
-    x = fwht(x * signs(k, keys))
-    x = x[permutation(k, L.bit_length() - 1, keys)] * gaussians(k, keys)
+    m, dt = min(plan.d_z, L), compute_dtype(z)
+    x = F.pad(z[:m].to(dt), (0, L - m))
+    x = fwht(x * signs(k, keys).to(dt))
+    x = x[permutation(k, L.bit_length() - 1, keys)] * gaussians(k, keys).to(dt)
     return fwht(x)[:n] * plan.sigma[i]
 
 
 def fastfood_reference(z: torch.Tensor, sizes, seed: int, d_z: int | None = None, lengths=None,
                        grad_scale_compat: bool = False, plan: FastfoodPlan | None = None) -> torch.Tensor:
-    """The truth: cat_i P_i z in plain PyTorch (autograd gives the exact ∂z; with ``grad_scale_compat``
-    tensor i's share of ∂z is scaled by 1/L_i, the forward unchanged)."""
+    """The truth: cat_i P_i z in plain PyTorch, in fp32 (fp64 for fp64 z); autograd gives the exact ∂z;
+    with ``grad_scale_compat`` tensor i's share of ∂z is scaled by 1/L_i, the forward unchanged."""
     plan = _plan_for(z, sizes, seed, d_z, lengths, plan)
     parts = []
     for i in range(len(plan.sizes)):
@@ -293,13 +299,14 @@ def fastfood_transpose_reference(gamma: torch.Tensor, plan: FastfoodPlan, grad_s
                                  ) -> torch.Tensor:
     """∂z = Σ_i P_iᵀ γ_i by the explicit transpose chain of METHODS.md §12.5 (v = pad(σγ) → g ⊙ Hv →
     scatter w_{π(k)} = v_k → b ⊙ Hw → first min(d_z, L) entries), no autograd."""
-    dz = torch.zeros(plan.d_z, dtype=torch.float32, device=gamma.device)
+    dt = compute_dtype(gamma)
+    dz = torch.zeros(plan.d_z, dtype=dt, device=gamma.device)
     for i, (n, L) in enumerate(zip(plan.sizes, plan.lengths)):
         keys, k = plan.keys[i], _ks(L, gamma.device)
-        g = gamma[plan.out_offsets[i]:plan.out_offsets[i + 1]].to(torch.float32)
-        v = gaussians(k, keys) * fwht(F.pad(g * plan.sigma[i], (0, L - n)))
+        g = gamma[plan.out_offsets[i]:plan.out_offsets[i + 1]].to(dt)
+        v = gaussians(k, keys).to(dt) * fwht(F.pad(g * plan.sigma[i], (0, L - n)))
         w = torch.zeros_like(v).index_copy(0, permutation(k, L.bit_length() - 1, keys), v)
-        q = (signs(k, keys) * fwht(w))[:min(plan.d_z, L)]
+        q = (signs(k, keys).to(dt) * fwht(w))[:min(plan.d_z, L)]
         dz = dz + F.pad(q * (1.0 / L if grad_scale_compat else 1.0), (0, plan.d_z - q.shape[0]))
     return dz
 

@@ -53,6 +53,7 @@ class PatchRecord:
     base_attrs: list[nn.Module] = field(default_factory=list)             # layers given attention.BASE_ATTR
     merges: list = field(default_factory=list)
     ejects: list = field(default_factory=list)
+    state_checks: dict = field(default_factory=dict)  # part name -> (save, check): see Plan.on_save_state
 
     @property
     def configs(self) -> list[KadaptConfig]:
@@ -124,7 +125,13 @@ def _plan(model: nn.Module, backbone: Backbone, configs: list[KadaptConfig], man
         raise ValueError(f"config: {methods} trains nothing on this {backbone.family!r} model (no site selected and "
                          f"nothing unfrozen); check the fields that select sites (layers, drop_first, placement, "
                          f"targets) and unfreeze_layer_norms")
-    plan.train(p for h in backbone.task_heads() for p in h.parameters())
+    exclusive = [p for p in plan.parts if implementation(p.config).exclusive]
+    if exclusive and len(plan.parts) > 1:
+        others = ", ".join(repr(p.name) for p in plan.parts if p is not exclusive[0])
+        raise ValueError(f"config: {exclusive[0].config.method!r} re-parameterises every tensor of the model and "
+                         f"cannot be composed with other methods (got also {others}); patch it alone")
+    if not exclusive:
+        plan.train(p for h in backbone.task_heads() for p in h.parameters())
     return plan
 
 
@@ -146,7 +153,7 @@ def patch(model: nn.Module, config: KadaptConfig | Sequence[KadaptConfig]) -> nn
     record_config = copy.deepcopy(list(configs) if many else configs[0])
     plan = _plan(model, backbone, record_config if many else [record_config], many)
     record = PatchRecord(config=record_config, family=backbone.family, hidden_size=backbone.hidden_size,
-                         parts=plan.parts, merges=plan.merges, ejects=plan.ejects)
+                         parts=plan.parts, merges=plan.merges, ejects=plan.ejects, state_checks=plan.state_checks)
     try:
         _attach(model, backbone, plan, record)
     except BaseException:
@@ -191,8 +198,12 @@ def _attach(model: nn.Module, backbone: Backbone, plan: Plan, record: PatchRecor
             record.added_modules.append((layer, attention.METHOD_ATTR))
         record.attn_configs = attention.set_implementation(model, attention.IMPLEMENTATION)
     for hook in plan.hooks:
-        register = hook.module.register_forward_hook if hook.kind == "forward" else hook.module.register_forward_pre_hook
-        record.hooks.append(register(hook.fn, with_kwargs=hook.with_kwargs))
+        if hook.kind == "forward":
+            handle = hook.module.register_forward_hook(hook.fn, with_kwargs=hook.with_kwargs,
+                                                       always_call=hook.always_call)
+        else:
+            handle = hook.module.register_forward_pre_hook(hook.fn, with_kwargs=hook.with_kwargs)
+        record.hooks.append(handle)
     object.__setattr__(model, RECORD_ATTR, record)
 
 

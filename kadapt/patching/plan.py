@@ -34,6 +34,7 @@ class Hook:
     fn: Callable
     owner: str           # the part that asked for it
     with_kwargs: bool = False  # fn also takes (and a pre-hook returns) the forward's keyword arguments
+    always_call: bool = False  # a forward hook that runs even when the forward raises (restores state)
 
 
 class Plan:
@@ -49,6 +50,7 @@ class Plan:
         self.attention: dict[int, tuple[nn.Module, nn.Module, str]] = {}  # layer id -> (layer, module, owner)
         self.merges: list[tuple[Callable[[], list[nn.Module]], Callable[[], list[nn.Module]] | None]] = []
         self.ejects: list[Callable[["object"], None]] = []
+        self.state_checks: dict[str, tuple[Callable[[], dict], Callable[[dict | None], None]]] = {}
         self._current: str = ""
 
     # ------------------------------------------------------------------------------ running methods
@@ -83,10 +85,11 @@ class Plan:
                              f"{type(owner).__name__}; they cannot be composed")
         self.modules[key] = (owner, name, module, self._current)
 
-    def forward_hook(self, module: nn.Module, fn: Callable, with_kwargs: bool = False) -> None:
+    def forward_hook(self, module: nn.Module, fn: Callable, with_kwargs: bool = False,
+                     always_call: bool = False) -> None:
         """``fn(module, args, output)`` after ``module``'s forward (hooks run in plan order);
-        ``with_kwargs``: ``fn(module, args, kwargs, output)``."""
-        self.hooks.append(Hook("forward", module, fn, self._current, with_kwargs))
+        ``with_kwargs``: ``fn(module, args, kwargs, output)``; ``always_call``: also when the forward raises."""
+        self.hooks.append(Hook("forward", module, fn, self._current, with_kwargs, always_call))
 
     def forward_pre_hook(self, module: nn.Module, fn: Callable, with_kwargs: bool = False) -> None:
         """``fn(module, args)`` before ``module``'s forward; ``with_kwargs``: ``fn(module, args, kwargs)``,
@@ -133,3 +136,8 @@ class Plan:
     def on_eject(self, fn: Callable) -> None:
         """``fn(record)`` for ``kadapt.eject``."""
         self.ejects.append(fn)
+
+    def on_save_state(self, save: Callable[[], dict], check: Callable[[dict | None], None]) -> None:
+        """JSON state the adapter file carries beside the tensors (``save()``, at ``save_adapter``) and its
+        check at ``load_adapter`` (``check(saved)`` raises ValueError before anything is loaded)."""
+        self.state_checks[self._current] = (save, check)

@@ -297,7 +297,7 @@ CONFIG_CASES = {
                       r"compat_bitfit_skip_final_ln='yes' must be a bool \(True or False\)"),
     "from_dict_method": (lambda: KadaptConfig.from_dict({"method": "inducer"}),
                          r"method='inducer' is not allowed; allowed values: 'adapter', 'bitfit', 'compacter', "
-                         r"'compacter\+\+', 'full_finetune', 'inducer_tuning', 'kernel_mix', 'lora', "
+                         r"'compacter\+\+', 'full_finetune', 'inducer_tuning', 'intrinsic_said', 'kernel_mix', 'lora', "
                          r"'low_rank_adapter', 'mam', 'parallel_adapter', 'pfeiffer', 'phm_adapter', "
                          r"'prefix_tuning', 'prompt_tuning'$"),
     "from_dict_field": (lambda: KadaptConfig.from_dict({"method": "bitfit", "rank": 2}),

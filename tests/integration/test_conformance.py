@@ -50,6 +50,8 @@ BAD_FIELDS: dict[str, list[tuple[str, object]]] = {
     "kernel_mix": [("r_q", -1), ("dropout", 1.5), ("init", "xavier")],
     "prefix_tuning": [("prefix_length", 0), ("hidden_size", -3), ("reparameterize", "yes")],
     "inducer_tuning": [("key_width", -1), ("value_width", 0), ("ablation", "x"), ("lora", "q"), ("lora.r", 0)],
+    "intrinsic_said": [("intrinsic_dim", 0), ("said", "yes"), ("seed", -1), ("compat_said_crop", 1),
+                       ("compat_said_grad_scale", None)],
     "mam": [("prefix", None), ("prefix.prefix_length", 0), ("parallel_adapter.placement", "attn")],
 }
 

@@ -269,6 +269,12 @@ STRATEGIES: dict[str, dict[str, Field]] = {
     "prompt_tuning": {"prompt_length": Field(st.one_of(ints(1, 12).valid, st.integers(50, 80)), ints(1, 12).invalid),
                       "init": choice(("random", "vocab"), ("uniform",)), "vocab_ids": vocab_ids(),
                       "compat_prompt_t_random_init": boolean()},
+    # intrinsic_dim below K + 2 (tiny models: K <= 47) is refused at patch time, naming intrinsic_dim
+    "intrinsic_said": {"intrinsic_dim": ints(1, 600), "said": boolean(),
+                       "seed": Field(st.one_of(ints(0, 10 ** 6, low_ok=0).valid, st.just(2 ** 63 - 1)),
+                                     ints(0, 10 ** 6, low_ok=0).invalid),
+                       "compat_said_grad_scale": boolean(), "compat_said_crop": boolean(),
+                       "compat_said_untied_lm_head": boolean()},
 }
 STRATEGIES["inducer_tuning"] = {
     "key_width": ints(0, 12, low_ok=0), "value_width": ints(1, 12), "value_extension": boolean(),

@@ -139,7 +139,7 @@ def test_gradcheck(method, family):
     for name, p in tensors:
         assert p.dtype == torch.float64 and p.is_contiguous(), f"{name}: {p.dtype}, contiguous={p.is_contiguous()}"
         grad = torch.zeros_like(p) if p.grad is None else p.grad
-        flat = p.data.view(-1)
+        flat = p.detach().view(-1)  # shares p's version counter (``.data`` would not): cached state sees the edit
         for i in _coordinates(p.numel()):
             original = flat[i].item()
             with torch.no_grad():

@@ -37,6 +37,7 @@ METHOD_NAMES = tuple(kadapt.METHODS)
 # full fine-tuning moves every weight and is stable at a smaller one.
 LR = {name: 1e-2 for name in METHOD_NAMES}
 LR["full_finetune"] = 1e-3
+LR["intrinsic_said"] = 3e-2  # the Compacter paper's SAID rate (docs/methods.md §8); z moves every tensor
 # Prompt tuning on T5 learns slowly at 1e-2 (4 prompt vectors in front of a random encoder): the Compacter
 # paper's PT-T setting instead, vocabulary init at lr 3e-1 (docs/methods.md §7).
 FAMILY_SETTINGS = {("t5", "prompt_tuning"): (3e-1, {"init": "vocab"})}
