@@ -175,19 +175,25 @@ class IntrinsicSAID(nn.Module):
         self.current, self._current_has_graph = None, False
 
     def project_gradients(self, grads) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """(∂z, ∂λ) for the gradients γ_i of the cached θ_i (None: not used in this graph)."""
+        """(∂z, ∂λ) for the gradients γ_i of the cached θ_i (None: not used in this graph): ∂λ_i = ⟨γ_i, P_i z⟩
+        from one forward transform, ∂z = Σ_i P_iᵀ(λ_i γ_i) from the op's exact backward. Temporaries: P z and
+        the flat γ (ΣN_i each), scaled in place."""
         z, lam = self.z, self.lam
         gamma = torch.cat([(g if g is not None else torch.zeros(p.shape, device=z.device)).reshape(-1)
                            .to(device=z.device, dtype=z.dtype) for g, p in zip(grads, self.originals)])
         with torch.enable_grad():
             z_ = z.detach().requires_grad_(True)
-            v = self._projection(z_).to(z.dtype)
-            if lam is None:
-                return torch.autograd.grad(v, z_, gamma)[0], None
-            lam_ = lam.detach().requires_grad_(True)
-            sizes = torch.tensor(self.sizes, device=z.device)
-            scale = lam_[:-1].repeat_interleave(sizes, output_size=v.numel())  # λ_i over tensor i's entries
-            return torch.autograd.grad(v * scale, (z_, lam_), gamma)
+            v = self._projection(z_)
+            dlam = None
+            if lam is not None:
+                offsets = self.plan().out_offsets
+                with torch.no_grad():
+                    dots = [torch.dot(gamma[a:b], v[a:b].to(gamma.dtype)) for a, b in zip(offsets, offsets[1:])]
+                    dlam = torch.cat([torch.stack(dots), torch.zeros(1, dtype=lam.dtype, device=lam.device)])
+                    for i, (a, b) in enumerate(zip(offsets, offsets[1:])):
+                        gamma[a:b].mul_(lam[i])
+            dz = torch.autograd.grad(v, z_, gamma.to(v.dtype))[0]
+        return dz, dlam
 
     # ---------------------------------------------------------------------------------- the forward
 
