@@ -15,7 +15,7 @@ Randomness is regenerated from ``seed``, never stored per element (no 7.7 GB of 
   32-bit keys derived on the host from (seed, i, s) by splitmix64. b_{i,k} is h's top bit; g_{i,k} is
   Box–Muller on two such uniforms (fp32: √(−2 ln u₁)·cos(2π u₂), u = (h >> 8 + ½)·2⁻²⁴ ∈ (0, 1)).
   This is not Philox4x32-10 (METHODS.md §12.5 names it): bit parity with any other generator is not
-  a goal, equality in distribution is, and a 32-bit mix is cheap and identical in torch int64 ops and
+  a goal, equality in distribution is, and a 32-bit mix is cheap and identical in torch int32 ops and
   Triton uint32 ops, which is what makes the reference and the kernel compute the same function.
 - π_i is a keyed bijection on [0, L_i), never stored: k ↦ Feistel₄(k ⊕ w) on n = log₂L_i bits, split
   into ⌊n/2⌋ high and ⌈n/2⌉ low bits (unbalanced when n is odd; the widths alternate and return after
@@ -25,13 +25,17 @@ Randomness is regenerated from ``seed``, never stored per element (no 7.7 GB of 
 
 Backends (kadapt.set_backend): "reference" — ``fastfood_reference``, plain PyTorch per tensor with an
 in-place-free radix-2 FWHT, the truth (its autograd is the exact gradient); "triton" —
-kadapt/ops/triton/fastfood.py: one ragged launch per FWHT pass over all tensors (see there). There is
-no CUDA kernel for this op: a forced "cuda" backend is refused with that reason. "auto" runs Triton
-on CUDA tensors and the reference on CPU tensors.
+kadapt/ops/triton/fastfood.py: one ragged launch per FWHT pass over all tensors (see there); "cuda" —
+kadapt._C (csrc/fastfood.cu, ops ``kadapt::fastfood_fwd`` / ``kadapt::fastfood_bwd``): the same
+function from the same schedule tables (same launches, same generator; shared-memory/register FWHT
+per tile), honoured on CUDA tensors when the extension is built, refused otherwise. "auto" runs Triton
+on CUDA tensors (the CUDA kernel is not preferred until GPU measurements say it is faster) and the
+reference on CPU tensors.
 
-One autograd path (kadapt/ops/_common.py): the Triton backend runs ``_FastfoodFunction``, whose forward
-calls the custom op ``kadapt::fastfood`` and whose backward calls ``kadapt::fastfood_backward``
-(linear map: nothing is saved but the plan's tables).
+One autograd path (kadapt/ops/_common.py): both fused backends run ``_FastfoodFunction``, whose forward
+calls the custom op ``kadapt::fastfood`` and whose backward calls ``kadapt::fastfood_backward``; their
+``backend`` argument ("triton" | "cuda") picks the kernels (linear map: nothing is saved but the plan's
+tables).
 """
 from __future__ import annotations
 
@@ -55,7 +59,7 @@ _SIGMA_CHUNK = 1 << 22
 
 
 # ---------------------------------------------------------------------------------------------
-# the generator (torch int64 ops emulating uint32; kadapt/ops/triton/fastfood.py has the same in Triton)
+# the generator (torch int32 ops on uint32 bits; kadapt/ops/triton/fastfood.py has the same in Triton)
 
 def _splitmix64(x: int) -> int:
     x = (x + _GOLDEN64) & 0xFFFFFFFFFFFFFFFF
@@ -74,31 +78,34 @@ def tensor_keys(seed: int, i: int) -> tuple[int, ...]:
     return tuple(out)
 
 
-def _mul32(a: torch.Tensor, c: int) -> torch.Tensor:
-    """(a · c) mod 2³² for int64 a in [0, 2³²) without int64 overflow (16-bit split)."""
-    lo, hi = a & 0xFFFF, a >> 16
-    return (lo * c + (((hi * (c & 0xFFFF)) & 0xFFFF) << 16)) & M32
+def _i32(c: int) -> int:
+    """A uint32 constant as the int32 with the same bits."""
+    return c - (1 << 32) if c >= 1 << 31 else c
 
 
 def _mix(x: torch.Tensor) -> torch.Tensor:
-    x = x ^ (x >> 16)
-    x = _mul32(x, 0x7FEB352D)
-    x = x ^ (x >> 15)
-    x = _mul32(x, 0x846CA68B)
-    return x ^ (x >> 16)
+    """The 32-bit finaliser on int32 tensors holding uint32 bits: int32 products wrap mod 2³² (two's
+    complement, as torch's integer kernels do), and ``& mask`` after ``>>`` makes the shifts logical. 3-4×
+    faster than emulating uint32 in int64; tests/ops/test_fastfood.py checks it bit for bit against Triton."""
+    x = x ^ ((x >> 16) & 0xFFFF)
+    x = x * _i32(0x7FEB352D)
+    x = x ^ ((x >> 15) & 0x1FFFF)
+    x = x * _i32(0x846CA68B)
+    return x ^ ((x >> 16) & 0xFFFF)
 
 
 def _hash(k: torch.Tensor, a: int, b: int) -> torch.Tensor:
-    return _mix(_mix(k ^ a) ^ b)
+    """int32 bits of mix(mix(k ⊕ a) ⊕ b) for counters k < 2³¹."""
+    return _mix(_mix(k.to(torch.int32) ^ _i32(a)) ^ _i32(b))
 
 
 def _uniform(h: torch.Tensor) -> torch.Tensor:
-    return ((h >> 8).to(torch.float32) + 0.5) * 5.960464477539063e-08  # 2^-24: u ∈ (0, 1)
+    return (((h >> 8) & 0xFFFFFF).to(torch.float32) + 0.5) * 5.960464477539063e-08  # 2^-24: u ∈ (0, 1)
 
 
 def signs(k: torch.Tensor, keys) -> torch.Tensor:
-    """b_{i,k} ∈ {±1} (fp32) for int64 counters k."""
-    return 1.0 - 2.0 * (_hash(k, keys[0], keys[1]) >> 31).to(torch.float32)
+    """b_{i,k} ∈ {±1} (fp32) for int64 counters k: the hash's top bit."""
+    return 1.0 - 2.0 * (_hash(k, keys[0], keys[1]) < 0).to(torch.float32)
 
 
 def gaussians(k: torch.Tensor, keys) -> torch.Tensor:
@@ -109,22 +116,24 @@ def gaussians(k: torch.Tensor, keys) -> torch.Tensor:
 
 
 def permutation(k: torch.Tensor, n: int, keys, inverse: bool = False) -> torch.Tensor:
-    """π_i(k) (or π_i⁻¹(k)) for int64 k in [0, 2ⁿ): the keyed Feistel bijection (module docstring)."""
+    """π_i(k) (or π_i⁻¹(k)) as int64 for int64 k in [0, 2ⁿ): the keyed Feistel bijection (module docstring).
+    Computed in int32 (n ≤ 30, so every intermediate is non-negative)."""
     nl, nr = n // 2, n - n // 2
     ml, mr = (1 << nl) - 1, (1 << nr) - 1
     w = keys[6] & ((1 << n) - 1)
-    rk = keys[7:7 + N_ROUNDS]
+    rk = [_i32(key) for key in keys[7:7 + N_ROUNDS]]
     widths = [ml if r % 2 == 0 else mr for r in range(N_ROUNDS)]  # width of F_r's output
+    k = k.to(torch.int32)
     if not inverse:
         x = k ^ w
         left, right = x >> nr, x & mr
         for r in range(N_ROUNDS):
             left, right = right, left ^ (_mix(right ^ rk[r]) & widths[r])
-        return (left << nr) | right
+        return ((left << nr) | right).to(torch.int64)
     left, right = k >> nr, k & mr
     for r in reversed(range(N_ROUNDS)):
         left, right = right ^ (_mix(left ^ rk[r]) & widths[r]), left
-    return ((left << nr) | right) ^ w
+    return (((left << nr) | right) ^ w).to(torch.int64)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -333,44 +342,56 @@ def _schedule(plan: FastfoodPlan, device: torch.device):
     return _triton().schedule(plan, device)
 
 
-def _forward_impl(z, tables, meta):
+# The largest transform one block of csrc/fastfood.cu does (kMaxTileLog2): the schedule's inner tile TR·TC
+# and outer tile RO·OC must not exceed it (the GPU config's are 2^13 and 2^12).
+CUDA_MAX_TILE = 1 << 13
+
+
+def _forward_impl(z, tables, meta, backend="triton"):
+    if backend == "cuda":
+        return torch.ops.kadapt.fastfood_fwd(z, tables, meta)
     return _triton().fastfood_fwd(z, tables, meta)
 
 
-def _forward_fake(z, tables, meta):
+def _forward_fake(z, tables, meta, backend="triton"):
     return z.new_empty((meta[1],), dtype=torch.float32)
 
 
-# v (ΣN_i,) fp32 for z (d_z,) fp32 contiguous; tables/meta: kadapt/ops/triton/fastfood.py ``schedule``
-_fastfood_op = define("fastfood(Tensor z, Tensor[] tables, int[] meta) -> Tensor", _forward_impl, _forward_fake)
+# v (ΣN_i,) fp32 for z (d_z,) fp32 contiguous; tables/meta: kadapt/ops/triton/fastfood.py ``schedule``;
+# backend "triton" (kadapt/ops/triton/fastfood.py) or "cuda" (kadapt._C, csrc/fastfood.cu): the same function
+_fastfood_op = define("fastfood(Tensor z, Tensor[] tables, int[] meta, str backend='triton') -> Tensor",
+                      _forward_impl, _forward_fake)
 
 
-def _backward_impl(grad, tables, meta):
+def _backward_impl(grad, tables, meta, backend="triton"):
+    if backend == "cuda":
+        return torch.ops.kadapt.fastfood_bwd(grad, tables, meta)
     return _triton().fastfood_bwd(grad, tables, meta)
 
 
-def _backward_fake(grad, tables, meta):
+def _backward_fake(grad, tables, meta, backend="triton"):
     return grad.new_empty((meta[0],), dtype=torch.float32)
 
 
-# ∂z (d_z,) fp32 for γ (ΣN_i,) fp32 contiguous; meta as the forward's (meta[-1]: grad_scale_compat)
-_fastfood_backward_op = define("fastfood_backward(Tensor grad, Tensor[] tables, int[] meta) -> Tensor",
-                               _backward_impl, _backward_fake)
+# ∂z (d_z,) fp32 for γ (ΣN_i,) fp32 contiguous; meta as the forward's (meta[-1]: grad_scale_compat); backend
+# as the forward's
+_fastfood_backward_op = define("fastfood_backward(Tensor grad, Tensor[] tables, int[] meta, "
+                               "str backend='triton') -> Tensor", _backward_impl, _backward_fake)
 
 
 class _FastfoodFunction(torch.autograd.Function):
-    """The autograd of the Triton backend, eager and under torch.compile alike. P is linear: the
-    backward needs only γ and the plan's tables."""
+    """The autograd of the fused backends, eager and under torch.compile alike (``backend`` picks the
+    Triton or the CUDA kernels of both ops). P is linear: the backward needs only γ and the plan's tables."""
 
     @staticmethod
-    def forward(ctx, z, meta, *tables):
-        ctx.meta, ctx.tables = meta, tables
-        return _fastfood_op(z, list(tables), meta)
+    def forward(ctx, z, meta, backend, *tables):
+        ctx.meta, ctx.backend, ctx.tables = meta, backend, tables
+        return _fastfood_op(z, list(tables), meta, backend)
 
     @staticmethod
     def backward(ctx, grad):
-        dz = _fastfood_backward_op(grad.contiguous().to(torch.float32), list(ctx.tables), ctx.meta)
-        return (dz, None, *[None] * len(ctx.tables))
+        dz = _fastfood_backward_op(grad.contiguous().to(torch.float32), list(ctx.tables), ctx.meta, ctx.backend)
+        return (dz, None, None, *[None] * len(ctx.tables))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -383,6 +404,24 @@ def _check_z(z) -> None:
         raise ValueError(f"z must be 1-D (d_z,), got shape {tuple(z.shape)}")
     if z.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
         raise ValueError(f"z has dtype {z.dtype}; allowed: float32, float16, bfloat16, float64")
+
+
+# "auto" on CUDA tensors: Triton first, then the CUDA kernel; to be reordered by GPU measurements
+# (benchmarks/fastfood.py), not before.
+AUTO_ORDER = ("triton", "cuda")
+
+
+def _cuda_unsupported(z: torch.Tensor, plan: FastfoodPlan) -> str | None:
+    """Why the CUDA kernel cannot run this call, beyond what ``backends.cuda_reason`` checks, or None."""
+    if not z.is_cuda or not backends.cuda_extension_built():
+        return None  # backends.resolve names these reasons itself
+    if not backends.triton_importable():
+        return "its schedule tables are built by kadapt/ops/triton/fastfood.py, which needs triton"
+    TR, TC, RO, OC = _schedule(plan, z.device)[1][4:8]
+    if TR * TC > CUDA_MAX_TILE or RO * OC > CUDA_MAX_TILE:
+        return (f"the tile config (TR, TC, RO, OC) = {(TR, TC, RO, OC)} needs TR·TC and RO·OC <= {CUDA_MAX_TILE} "
+                f"for the CUDA kernel")
+    return None
 
 
 def _plan_for(z, sizes, seed, d_z, lengths, plan) -> FastfoodPlan:
@@ -405,16 +444,19 @@ def fastfood(z: torch.Tensor, sizes=None, seed: int | None = None, d_z: int | No
     z: 1-D (d_z,) floating tensor (computed in fp32). sizes, seed, lengths: the tensors' sizes N_i, the
     generator seed and optional padded lengths L_i (powers of two ≥ N_i; default
     2^⌈log₂ max(N_i, d_z)⌉). Pass ``plan=fastfood_plan(...)`` (then sizes/seed/lengths are ignored) to
-    skip the plan lookup: required under torch.compile unless the plan was built before tracing."""
+    skip the plan lookup: required under torch.compile unless the plan was built before tracing.
+
+    Backends: a forced "cuda" runs csrc/fastfood.cu when kadapt._C is built and z is a CUDA tensor, and
+    raises RuntimeError otherwise; "auto" on CUDA tensors runs Triton first (``AUTO_ORDER``: the CUDA
+    kernel is not measured faster yet), then the CUDA kernel, then the reference."""
     if plan is None:
         if sizes is None or seed is None:
             raise ValueError("sizes and seed are required when no plan is given")
     plan = _plan_for(z, sizes, seed, d_z, lengths, plan)
-    backend = backends.resolve("fastfood", z, cuda_unsupported="fastfood has no CUDA kernel (Triton or reference)",
-                               order=("triton",))
+    backend = backends.resolve("fastfood", z, cuda_unsupported=_cuda_unsupported(z, plan), order=AUTO_ORDER)
     log_backend("fastfood", backend)
     if backend == "reference":
         return fastfood_reference(z, None, None, plan.d_z, grad_scale_compat=grad_scale_compat, plan=plan)
     tables, meta = _schedule(plan, z.device)
     zf = z.to(torch.float32).contiguous()
-    return _FastfoodFunction.apply(zf, [*meta, int(grad_scale_compat)], *tables)
+    return _FastfoodFunction.apply(zf, [*meta, int(grad_scale_compat)], backend, *tables)
