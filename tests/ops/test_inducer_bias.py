@@ -30,8 +30,9 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from _inducer_kernels import (DEVICE, GPU, NEG_INF, K, assert_close, poisoned, reference_grads,  # noqa: F401
-                              require_kernels, set_tiles, visible)
+from _inducer_kernels import (  # noqa: F401
+    DEVICE, GPU, LENGTHS, NEG_INF, K, assert_close, draw_shape, poisoned, reference_grads, require_kernels,
+    set_tiles, visible)
 
 require_kernels()
 
@@ -55,7 +56,6 @@ def check_against_reference(fused, ref, label):
 # ---------------------------------------------------------------------------------------------
 # 1. random configurations
 
-LENGTHS = [1, 5, 17, 33, 70]
 LAYOUTS = ["1H", "B1", "BH", "t5", "strided"]
 BIAS_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 
@@ -80,15 +80,8 @@ def draw_config(index: int) -> Config:
     """causal (period 2), padding (period 3) and bias layout (period 5) cycle, so every combination of the three
     occurs; key MLP and bias dtype cycle with index div 2 and index div 3; lengths, sizes and tiles are drawn."""
     rng = random.Random(104729 * index + 3)
-    B, H = rng.choice([1, 2]), rng.choice([1, 3])
-    Tq, Tk = rng.choice(LENGTHS), rng.choice(LENGTHS)
     padding = ["none", "random", "full_row"][index % 3]
-    if padding == "full_row":
-        B = 2
-    if B * H * max(Tq, 16) * max(Tk, 16) > 3000:  # CPU time of the interpreter
-        H = 1
-        if padding != "full_row":
-            B = rng.choice([1, 2])
+    B, H, Tq, Tk = draw_shape(rng, padding)
     return Config(index=index, B=B, H=H, Tq=Tq, Tk=Tk, d=rng.choice([16, 32, 40]),
                   m_k=rng.choice([3, 5]) if index // 2 % 2 else 0, causal=index % 2 == 0, padding=padding,
                   layout=LAYOUTS[index % len(LAYOUTS)], bias_dtype=BIAS_DTYPES[index // 3 % len(BIAS_DTYPES)],

@@ -27,8 +27,9 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from _inducer_kernels import (DEVICE, GPU, NEG_INF, K, assert_close, poisoned, reference,  # noqa: F401
-                              reference_grads, require_kernels, set_tiles, visible)
+from _inducer_kernels import (  # noqa: F401
+    DEVICE, GPU, LENGTHS, NEG_INF, K, assert_close, draw_shape, poisoned, reference, reference_grads,
+    require_kernels, set_tiles, visible)
 
 require_kernels()
 
@@ -52,22 +53,14 @@ class Config:
     tiles: tuple        # interpreter (BM, BN)
 
 
-LENGTHS = [1, 5, 17, 33, 70]
 
 
 def draw_config(index: int) -> Config:
     """Switches cycle (causal: index mod 2, p: index div 2 mod 2, key MLP: index div 4 mod 2, padding: index mod
     3); lengths, sizes, seed and tiles are drawn."""
     rng = random.Random(7919 * index + 11)
-    B, H = rng.choice([1, 2]), rng.choice([1, 3])
-    Tq, Tk = rng.choice(LENGTHS), rng.choice(LENGTHS)
     padding = ["none", "random", "full_row"][index % 3]
-    if padding == "full_row":
-        B = 2
-    if B * H * max(Tq, 16) * max(Tk, 16) > 3000:  # CPU time of the interpreter
-        H = 1
-        if padding != "full_row":
-            B = rng.choice([1, 2])
+    B, H, Tq, Tk = draw_shape(rng, padding)
     return Config(index=index, B=B, H=H, Tq=Tq, Tk=Tk, d=rng.choice([16, 32, 40]),
                   m_k=rng.choice([3, 5]) if index // 4 % 2 else 0, causal=index % 2 == 0, padding=padding,
                   p=[0.1, 0.5][index // 2 % 2], seed=rng.randrange(2 ** 40),
