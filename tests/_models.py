@@ -199,3 +199,22 @@ def enable_checkpointing(model: torch.nn.Module, options: dict | None = None) ->
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=options)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
+
+
+def assert_triton_equals_reference(model: torch.nn.Module, family: str, kw: dict) -> None:
+    """The patched model on the Triton backend (the interpreter on the CPU) = on the reference: the output and
+    the gradient of every trainable tensor (loss = sum of squared outputs)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    results = []
+    for backend in ("reference", "triton"):
+        kadapt.set_backend(backend)
+        try:
+            out = output(model, family, **kw)
+            results.append((out, torch.autograd.grad(out.square().sum(), params)))
+        finally:
+            kadapt.set_backend("auto")
+    (ref, g_ref), (tri, g_tri) = results
+    torch.testing.assert_close(tri, ref, rtol=1e-4, atol=1e-4)
+    for a, b in zip(g_tri, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
+

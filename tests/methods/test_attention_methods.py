@@ -15,7 +15,8 @@ import torch
 from transformers import DynamicCache
 
 import kadapt
-from _models import cache_kwargs, enable_checkpointing, inputs, output, perturb_trainables, tiny
+from _models import (assert_triton_equals_reference, cache_kwargs, enable_checkpointing, inputs, output,
+                     perturb_trainables, tiny)
 from kadapt.methods.attention import KadaptMask
 from kadapt.methods.inducer import InducerAttention
 
@@ -185,19 +186,7 @@ def test_inducer_model_triton_equals_reference(family, name):
     model.train().to(DEVICE)
     kw = {k: v.to(DEVICE) for k, v in inputs(family).items()}
     kw["attention_mask"][1, -2:] = 0
-    params = [p for p in model.parameters() if p.requires_grad]
-    results = []
-    for backend in ("reference", "triton"):
-        kadapt.set_backend(backend)
-        try:
-            out = output(model, family, **kw)
-            results.append((out, torch.autograd.grad(out.square().sum(), params)))
-        finally:
-            kadapt.set_backend("auto")
-    (ref, g_ref), (tri, g_tri) = results
-    torch.testing.assert_close(tri, ref, rtol=1e-4, atol=1e-4)
-    for a, b in zip(g_tri, g_ref):
-        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
+    assert_triton_equals_reference(model, family, kw)
 
 
 @pytest.mark.parametrize("family", ["gpt2", "roberta", "t5"])

@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from transformers import (DynamicCache, LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification, LlamaModel)
 
 import kadapt
-from _models import (LLAMA_FAMILIES, cache_kwargs, check_merge, enable_checkpointing, inputs, output,
-                     perturb_trainables, returned_cache, tiny)
+from _models import (LLAMA_FAMILIES, assert_triton_equals_reference, cache_kwargs, check_merge, enable_checkpointing,
+                     inputs, output, perturb_trainables, returned_cache, tiny)
 from kadapt.methods.attention import KadaptMask
 from kadapt.methods.inducer import InducerAttention
 from test_attention_methods import _concat_inducer
@@ -512,19 +512,7 @@ def test_inducer_model_triton_equals_reference(family, name):
     model.train().to(DEVICE)
     kw = {k: v.to(DEVICE) for k, v in inputs(family).items()}
     kw["attention_mask"][1, :2] = 0
-    params = [p for p in model.parameters() if p.requires_grad]
-    results = []
-    for backend in ("reference", "triton"):
-        kadapt.set_backend(backend)
-        try:
-            out = output(model, family, **kw)
-            results.append((out, torch.autograd.grad(out.square().sum(), params)))
-        finally:
-            kadapt.set_backend("auto")
-    (ref, g_ref), (tri, g_tri) = results
-    torch.testing.assert_close(tri, ref, rtol=1e-4, atol=1e-4)
-    for a, b in zip(g_tri, g_ref):
-        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
+    assert_triton_equals_reference(model, family, kw)
 
 
 # ----------------------------------------------------------------------------------------------------------
