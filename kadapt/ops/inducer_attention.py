@@ -223,7 +223,7 @@ def _fwd(q, k, v, mlp, kpm, scale, causal, backend, dropout_p=0.0, seed=None, bi
             raise RuntimeError("inducer_attention: the CUDA forward has no attention-probability dropout and no "
                                "logit bias; dropout_p > 0 or attn_bias need the 'triton' or 'reference' backend")
         if k.shape[1] != q.shape[1]:
-            raise ValueError(f"inducer_attention: {_CUDA_GQA_REASON} (q has H={q.shape[1]}, k, v H_kv={k.shape[1]})")
+            raise RuntimeError(f"inducer_attention: {_CUDA_GQA_REASON} (q has H={q.shape[1]}, k, v H_kv={k.shape[1]})")
         return _cuda_fwd(q, k, v, mlp, kpm, scale, causal)
     from kadapt.ops.triton import inducer_attention as kernels
 
@@ -461,12 +461,8 @@ def inducer_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, A_k: to
     if mask_reason is None and attn_bias is not None and attn_bias.requires_grad and torch.is_grad_enabled():
         mask_reason = "attn_bias requires grad: the fused kernels give the bias no gradient (the reference does)"
     triton_reason = _triton_unsupported(q, mlp) or mask_reason
-    gqa = k.shape[1] != q.shape[1]
-    if gqa and backends.get_backend() == "cuda":
-        raise ValueError(f"backend 'cuda' is forced but cannot run inducer_attention: {_CUDA_GQA_REASON} "
-                         f"(q has H={q.shape[1]}, k, v H_kv={k.shape[1]}); use kadapt.set_backend('auto') or "
-                         f"'triton' or 'reference'")
-    cuda_reason = _cuda_unsupported(q, mlp) or mask_reason or (_CUDA_GQA_REASON if gqa else None)
+    gqa = f"{_CUDA_GQA_REASON} (q has H={q.shape[1]}, k, v H_kv={k.shape[1]})" if k.shape[1] != q.shape[1] else None
+    cuda_reason = _cuda_unsupported(q, mlp) or mask_reason or gqa
     if cuda_reason is None and attn_bias is not None:
         cuda_reason = "attn_bias: the CUDA forward has no logit bias (Triton has)"
     if cuda_reason is None and dropout_p > 0:

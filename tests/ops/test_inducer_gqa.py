@@ -16,7 +16,7 @@ dropout multiplier z from dropout_keep_mask), and the library's inducer_attentio
    the expanded call's dk, dv summed over each group; on the Triton backend and for the reference (incl.
    attn_mask, attn_bias, gating, dropout, the concat reference); a float64 gradcheck of the GQA reference.
 4. Validation (H % H_kv ≠ 0, k/v head mismatch: ValueError naming the fields and the allowed values); the CUDA
-   forward refuses GQA (auto goes on; a forced "cuda" raises ValueError); torch.compile(fullgraph=True).
+   forward refuses GQA (auto goes on; a forced "cuda" raises RuntimeError); torch.compile(fullgraph=True).
 5. GPU only: fp16/bf16 GQA vs the float64 reference and vs the expanded call.
 
 Without a GPU the kernels run in Triton's interpreter in fp32 (tests/conftest.py sets TRITON_INTERPRET); every
@@ -414,9 +414,9 @@ def test_cuda_refuses_gqa_auto_goes_on(monkeypatch, poisoned):
     lv, kpm, _, _ = op_case(H=4, Hkv=2)
     ts = [t.to(DEVICE) for t in lv.values()]
     mha = [ts[0], expand(ts[1], 4), expand(ts[2], 4), *ts[3:]]
-    # forced "cuda": ValueError naming the reason, for GQA only
+    # forced "cuda": RuntimeError naming the reason (as every forced backend that cannot run), for GQA only
     kadapt.set_backend("cuda")
-    with pytest.raises(ValueError, match=r"backend 'cuda' is forced but cannot run inducer_attention: grouped-query "
+    with pytest.raises(RuntimeError, match=r"backend 'cuda' is forced but cannot run inducer_attention: grouped-query "
                                          r"attention .*the CUDA forward takes k, v with H heads only.*H=4, k, v "
                                          r"H_kv=2"):
         inducer_attention(*ts)
@@ -439,7 +439,7 @@ def test_cuda_refuses_gqa_auto_goes_on(monkeypatch, poisoned):
     for a, b in zip(got, ref):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     # the custom op itself refuses a CUDA forward of GQA inputs
-    with pytest.raises(ValueError, match="grouped-query attention"):
+    with pytest.raises(RuntimeError, match="grouped-query attention"):
         torch.ops.kadapt.inducer_attention(*ts[:3], None, None, None, None, None, 0.25, False, "cuda", 0.0, None,
                                            None)
     assert len(calls) == 2
