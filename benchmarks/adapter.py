@@ -77,6 +77,7 @@ import torch.nn.functional as F
 import kadapt
 from kadapt import backends
 from kadapt.ops import AdapterWeight, fused_adapter
+from kadapt.ops.fused_adapter import AUTO_ORDER
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 KINDS = ("dense", "lowrank", "phm", "compacter")
@@ -536,6 +537,8 @@ def targets_block(rows: list[dict], args, dtype_name: str) -> list[str] | None:
     kinds = [k for k in KINDS if any(key[0] == k for key in best)]
     fused = [p for p in FUSED if any(key[4] == p for key in best)]
     built = backends.cuda_extension_built()
+    runnable = {"triton": backends.triton_importable(), "cuda": built}
+    auto = next((b for b in AUTO_ORDER if runnable[b]), "reference")  # what "auto" runs on CUDA tensors
     elem = torch.finfo(DTYPES[dtype_name]).bits // 8
     floor_fwd, floor_fb = (c * T * D * elem / args.bandwidth * 1e6 for c in (2, 5))
     timing = ("CUDA-graph replays (device time, median); values marked (eager) are back-to-back Python calls"
@@ -545,8 +548,8 @@ def targets_block(rows: list[dict], args, dtype_name: str) -> list[str] | None:
               f"bandwidth for the floors {args.bandwidth / 1e12:.3g} TB/s"),
              f"- floors: fwd {floor_fwd:.2f} µs (2·T·D·bytes), fwd+bwd {floor_fb:.2f} µs (5·T·D·bytes)",
              f"- timing: {timing}",
-             (f"- `auto` backend here: {'cuda' if built else 'triton'} (kadapt._C built: {built}; auto picks cuda "
-              f"when built, else triton)"), ""]
+             (f"- `auto` backend here: {auto} (order {', '.join(AUTO_ORDER)}, the first that can run; kadapt._C "
+              f"built: {built})"), ""]
     if not fused:
         lines.append("No fused provider (triton, cuda) was measured at this shape.")
         return lines
@@ -558,7 +561,7 @@ def targets_block(rows: list[dict], args, dtype_name: str) -> list[str] | None:
         return "PASS" if ok else "FAIL"
 
     for p in fused:
-        lines.append(f"**{p}**" + (" (what auto runs)" if p == ("cuda" if built else "triton") else ""))
+        lines.append(f"**{p}**" + (" (what auto runs)" if p == auto else ""))
         lines.append("")
         for num, mode, limit, label in ((1, "fwd", 2.0, "fused forward ≤ 2× the forward floor"),
                                         (2, "fwd+bwd", 3.0, "fused forward+backward ≤ 3× its floor (5 passes)")):
