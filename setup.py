@@ -27,7 +27,7 @@ from setuptools.command.build_py import build_py
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_ARCHS = "8.0;9.0"
-CSRC = ["csrc/ops.cpp", "csrc/fused_adapter.cu", "csrc/inducer_attention.cu"]
+CSRC = ["csrc/ops.cpp", "csrc/fused_adapter.cu", "csrc/inducer_attention.cu", "csrc/fastfood.cu"]
 _UNSET = object()
 
 

@@ -35,6 +35,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> inducer_attention_fwd_cuda(
     const std::optional<at::Tensor>& B_k, const std::optional<at::Tensor>& b_k,
     const std::optional<at::Tensor>& kpm, double scale, bool causal);
 
+// csrc/fastfood.cu
+at::Tensor fastfood_fwd_cuda(const at::Tensor& z, at::TensorList tables, at::IntArrayRef meta);
+at::Tensor fastfood_bwd_cuda(const at::Tensor& grad, at::TensorList tables, at::IntArrayRef meta);
+
 }  // namespace kadapt
 
 TORCH_LIBRARY(kadapt, m) {
@@ -54,6 +58,12 @@ TORCH_LIBRARY(kadapt, m) {
   m.def(
       "inducer_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? A_k, Tensor? a_k, Tensor? B_k, "
       "Tensor? b_k, Tensor? kpm, float scale, bool causal) -> (Tensor O, Tensor LSE, Tensor w)");
+  // Fastfood projection of Intrinsic-SAID (METHODS.md §12.5): v = cat_i P_i z (fp32 (ΣN,)) for
+  // contiguous fp32 z (d_z,), and its exact transpose ∂z = Σ_i s_i P_iᵀ γ_i (fp32 (d_z,)) for γ (ΣN,);
+  // tables and meta are the schedule of kadapt/ops/triton/fastfood.py (meta's last entry:
+  // grad_scale_compat, required by the backward).
+  m.def("fastfood_fwd(Tensor z, Tensor[] tables, int[] meta) -> Tensor");
+  m.def("fastfood_bwd(Tensor grad, Tensor[] tables, int[] meta) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(kadapt, CUDA, m) {
@@ -61,6 +71,8 @@ TORCH_LIBRARY_IMPL(kadapt, CUDA, m) {
   m.impl("fused_adapter_bwd", &kadapt::fused_adapter_bwd_cuda);
   m.impl("kron_weight", &kadapt::kron_weight_cuda);
   m.impl("inducer_attention_fwd", &kadapt::inducer_attention_fwd_cuda);
+  m.impl("fastfood_fwd", &kadapt::fastfood_fwd_cuda);
+  m.impl("fastfood_bwd", &kadapt::fastfood_bwd_cuda);
 }
 
 static struct PyModuleDef kadapt_c_module = {

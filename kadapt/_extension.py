@@ -16,7 +16,8 @@ _loaded = False
 _error: str | None = None
 _build_info: dict | None = None
 
-OPS = ("fused_adapter_fwd", "fused_adapter_bwd", "kron_weight", "inducer_attention_fwd")
+OPS = ("fused_adapter_fwd", "fused_adapter_bwd", "kron_weight", "inducer_attention_fwd", "fastfood_fwd",
+       "fastfood_bwd")
 
 # The largest bottleneck m that kadapt::fused_adapter_fwd / _bwd take (csrc/fused_adapter.cu,
 # kMaxBottleneck); larger m is refused with a RuntimeError naming this limit.
@@ -62,6 +63,15 @@ def _register_fakes() -> None:
         stats = q.shape[:-1]
         return (q.new_empty(q.shape), q.new_empty(stats, dtype=torch.float32),
                 q.new_empty(stats, dtype=torch.float32))
+
+    # meta: the schedule of kadapt/ops/triton/fastfood.py (meta[0] = d_z, meta[1] = ΣN)
+    @torch.library.register_fake("kadapt::fastfood_fwd")
+    def _fastfood_fwd_fake(z, tables, meta):
+        return z.new_empty((meta[1],), dtype=torch.float32)
+
+    @torch.library.register_fake("kadapt::fastfood_bwd")
+    def _fastfood_bwd_fake(grad, tables, meta):
+        return grad.new_empty((meta[0],), dtype=torch.float32)
 
 
 def load() -> bool:

@@ -347,13 +347,15 @@ def _schedule(plan: FastfoodPlan, device: torch.device):
 CUDA_MAX_TILE = 1 << 13
 
 
-def _forward_impl(z, tables, meta, backend="triton"):
+def _forward_impl(z: torch.Tensor, tables: list[torch.Tensor], meta: list[int], backend: str = "triton"
+                  ) -> torch.Tensor:
     if backend == "cuda":
         return torch.ops.kadapt.fastfood_fwd(z, tables, meta)
     return _triton().fastfood_fwd(z, tables, meta)
 
 
-def _forward_fake(z, tables, meta, backend="triton"):
+def _forward_fake(z: torch.Tensor, tables: list[torch.Tensor], meta: list[int], backend: str = "triton"
+                  ) -> torch.Tensor:
     return z.new_empty((meta[1],), dtype=torch.float32)
 
 
@@ -363,13 +365,15 @@ _fastfood_op = define("fastfood(Tensor z, Tensor[] tables, int[] meta, str backe
                       _forward_impl, _forward_fake)
 
 
-def _backward_impl(grad, tables, meta, backend="triton"):
+def _backward_impl(grad: torch.Tensor, tables: list[torch.Tensor], meta: list[int], backend: str = "triton"
+                   ) -> torch.Tensor:
     if backend == "cuda":
         return torch.ops.kadapt.fastfood_bwd(grad, tables, meta)
     return _triton().fastfood_bwd(grad, tables, meta)
 
 
-def _backward_fake(grad, tables, meta, backend="triton"):
+def _backward_fake(grad: torch.Tensor, tables: list[torch.Tensor], meta: list[int], backend: str = "triton"
+                   ) -> torch.Tensor:
     return grad.new_empty((meta[0],), dtype=torch.float32)
 
 

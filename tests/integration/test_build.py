@@ -31,6 +31,8 @@ SCHEMAS = {
     "inducer_attention_fwd": "kadapt::inducer_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? A_k, Tensor? a_k, "
                              "Tensor? B_k, Tensor? b_k, Tensor? kpm, float scale, bool causal) "
                              "-> (Tensor O, Tensor LSE, Tensor w)",
+    "fastfood_fwd": "kadapt::fastfood_fwd(Tensor z, Tensor[] tables, int[] meta) -> Tensor",
+    "fastfood_bwd": "kadapt::fastfood_bwd(Tensor grad, Tensor[] tables, int[] meta) -> Tensor",
 }
 
 
@@ -145,16 +147,21 @@ def test_fake_impls_trace_symbolic_shapes():
     _require_extension()
     from torch.fx.experimental.proxy_tensor import make_fx
 
-    def f(x, res, wd, bd, wu, bu, dy, A, s, t, q, k):
+    ff_meta = [8, 5, 8, 1, 8, 16, 8, 8, 1, 0, 0]  # d_z, ΣN, ΣL, K, TR, TC, RO, OC, P, J, compat
+
+    def f(x, res, wd, bd, wu, bu, dy, A, s, t, q, k, ff_z, ff_g, ff_info, ff_sigma, ff_inner):
         y, z = torch.ops.kadapt.fused_adapter_fwd(x, res, True, wd, bd, wu, bu, 1)
         dx, g_z, h, db = torch.ops.kadapt.fused_adapter_bwd(dy, z, wd, wu, False, 1)
         o, lse, w = torch.ops.kadapt.inducer_attention_fwd(q, k, k, None, None, None, None, None, 0.5, False)
-        return y, dx, g_z, h, db, torch.ops.kadapt.kron_weight(A, s, t), o, lse, w
+        v = torch.ops.kadapt.fastfood_fwd(ff_z, [ff_info, ff_sigma, ff_inner], ff_meta)
+        dz = torch.ops.kadapt.fastfood_bwd(ff_g, [ff_info, ff_sigma, ff_inner], ff_meta)
+        return y, dx, g_z, h, db, torch.ops.kadapt.kron_weight(A, s, t), o, lse, w, v, dz
 
     D, m = 40, 6
     shapes = [(15, D), (15, D), (D, m), (m,), (m, D), (D,), (15, D), (2, 2, 2), (2, 20, 1), (2, 1, 3),
-              (2, 3, 9, 16), (2, 3, 11, 16)]
-    gm = make_fx(f, tracing_mode="symbolic")(*[torch.randn(*s) for s in shapes])
+              (2, 3, 9, 16), (2, 3, 11, 16), (8,), (5,)]
+    ff_tables = [torch.zeros(1, 19, dtype=torch.int64), torch.ones(1), torch.zeros(1, 2, dtype=torch.int32)]
+    gm = make_fx(f, tracing_mode="symbolic")(*[torch.randn(*s) for s in shapes], *ff_tables)
     for op in SCHEMAS:
         assert f"kadapt.{op}" in gm.code, op
 
@@ -172,6 +179,11 @@ def test_cpu_tensors_raise_clear_error():
         torch.ops.kadapt.inducer_attention_fwd(q, q, q, None, None, None, None, None, 0.25, False)
     with pytest.raises(NotImplementedError, match="CPU"):
         torch.ops.kadapt.kron_weight(torch.randn(2, 2, 2), torch.randn(2, 3, 4), None)
+    ff_tables = [torch.zeros(1, 19, dtype=torch.int64), torch.ones(1), torch.zeros(1, 2, dtype=torch.int32)]
+    with pytest.raises(NotImplementedError, match="CPU"):
+        torch.ops.kadapt.fastfood_fwd(torch.randn(8), ff_tables, [8, 5, 8, 1, 8, 16, 8, 8, 1, 0, 0])
+    with pytest.raises(NotImplementedError, match="CPU"):
+        torch.ops.kadapt.fastfood_bwd(torch.randn(5), ff_tables, [8, 5, 8, 1, 8, 16, 8, 8, 1, 0, 0])
 
 
 # ---------------------------------------------------------------------------------------------
