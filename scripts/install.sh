@@ -37,7 +37,7 @@ export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-8.0;9.0}"
 # otherwise ship Python files since deleted from kadapt/ in the new wheel.
 rm -rf build/lib.* build/bdist.*
 echo "install.sh: building and installing kadapt (CUDA_HOME=${CUDA_HOME:-unset}, TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST)"
-"${PIP[@]}" install --no-build-isolation ".[test,examples]"
+"${PIP[@]}" install --no-build-isolation ".[test,examples,train]"
 
 # Report from outside the repository: run from its root, `python -m` would import the source tree.
 (cd / && "$ROOT/.venv/bin/python" -m kadapt info)
