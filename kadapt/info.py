@@ -58,6 +58,16 @@ def _device_lines(torch) -> list[str]:
     return lines
 
 
+def _tuning_line() -> str:
+    """Which table of Triton launch configurations (kadapt/ops/tuning.py) is in force on CUDA device 0."""
+    try:
+        from kadapt.ops import tuning
+
+        return tuning.status()
+    except Exception as exc:  # noqa: BLE001 - info reports, never fails
+        return f"unknown ({exc!r})"
+
+
 def info() -> str:
     """A human-readable report of the kadapt installation and what can run on this machine."""
     import torch
@@ -80,4 +90,5 @@ def info() -> str:
     env = os.environ.get("KADAPT_BACKEND")
     lines.append(f"backend:      {backend}" + (f" (KADAPT_BACKEND={env})" if env else ""))
     lines.append(f"available:    {', '.join(available_backends())}")
+    lines.append(f"tuning:       {_tuning_line()}")
     return "\n".join(lines)

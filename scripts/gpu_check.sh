@@ -4,9 +4,9 @@
 # shapes, an end-to-end training step. Writes $OUT/summary.md, complete after every stage (see Output).
 #
 # Usage
-#   bash scripts/gpu_check.sh                        # default stages: build test bench attn train
+#   bash scripts/gpu_check.sh                        # default stages: build tune test bench attn fastfood said train
 #   bash scripts/gpu_check.sh test_full attn_full    # any stages, in the order given (e.g. a second call)
-#   GPU_CHECK_DRY_RUN=1 bash scripts/gpu_check.sh    # the same stages on the CPU, tiny shapes (~40-90 s)
+#   GPU_CHECK_DRY_RUN=1 bash scripts/gpu_check.sh    # the same stages on the CPU, tiny shapes (~2-4 min on 2 cores)
 # Device call: run(command="bash scripts/gpu_check.sh", timeout_s=600); read $OUT/summary.md (also printed
 # at the end). A second call on the still-warm machine keeps the installed build and Triton's kernel cache:
 # run it without `build`, e.g. `GPU_CHECK_BUDGET=570 bash scripts/gpu_check.sh test_full`.
@@ -19,8 +19,20 @@
 #          results discarded; logs in prewarm/) only to fill Triton's on-disk kernel cache, which the test
 #          stage then hits (its key is the kernel's source, not its path): nvcc leaves most cores idle, and each
 #          cold Triton specialisation costs ~2.5 s; the sweep below needs several hundred. Stopped after `info`.
-#   test   cap 120 s TEST_TIMEOUT   [= its cap] the bounded correctness sweep: pytest "units" (a test file and a
-#          -k selection, TEST_UNITS below) taken in priority order from a queue by TEST_JOBS=8 parallel workers
+#          Likewise the tune prewarm (TUNE_PREWARM=1): `scripts/tune_triton.py --check-only` (TUNE_PREWARM_JOBS=4
+#          processes, from the source tree) compiles and checks the tune stage's candidates, recording the results
+#          (the tune stage reuses them) and filling Triton's cache; log in prewarm/tune.log.
+#   tune   cap  45 s TUNE_TIMEOUT   [~25 s after the prewarm; ~50 s cold, cut at the cap: the finished kernels
+#          are kept, attention first] scripts/tune_triton.py --install: the launch configuration (tiles, warps,
+#          stages) of every tuned Triton kernel, chosen among <= 8 candidates (each checked against the reference
+#          first; the default is one) by CUDA-graph timing at the issue's target shapes (bf16; inducer attention
+#          B=8 H=16 d=64 L 1024 and 4096: forward, dK/dV and dQ kernels; fused adapter T=8192 D=1024 m=64: dense
+#          and low-rank kernels, Kronecker weight build and factor gradients of PHM and Compacter). The table goes
+#          to tuning/<arch>.json (commit it as kadapt/ops/tuning_tables/<arch>.json) and into the installed kadapt,
+#          so the stages after this one run the tuned configs; it is rewritten after every kernel.
+#   test   cap  80 s TEST_TIMEOUT   [= its cap; the cap is 120 s in a dry run, which collects every unit file]
+#          the bounded correctness sweep: pytest "units" (a test file and a -k selection, TEST_UNITS below)
+#          taken in priority order from a queue by TEST_JOBS=8 parallel workers
 #          (Triton compiles on the CPU, one core per process), each `python -m pytest -q -rfE` from / against
 #          the installed package, KADAPT_REQUIRE_EXTENSION=1, no -x, --timeout=TEST_CASE_TIMEOUT (120 s) per
 #          test when pytest-timeout is installed, TORCHINDUCTOR_COMPILE_THREADS=1. A file not (yet) in the tree
@@ -28,28 +40,38 @@
 #          backend and dtype; every chunk would compile far more Triton specialisations than fit); the CUDA
 #          backend (prebuilt, nothing to compile) runs every chunk. Priority: CUDA kernels (test_cuda_kernels);
 #          Triton bf16 of fused_adapter, inducer_attention, phm; test_build, test_ops, test_custom_ops,
-#          test_op_autocast; the rest of those op files (dispatch, bad inputs, torch.compile, CUDA chunks);
+#          test_op_autocast; the CUDA Fastfood tests; the rest of those op files (dispatch, bad inputs,
+#          torch.compile, CUDA chunks); the rest of test_fastfood;
 #          test_inducer_gqa, _dropout, _bias (chunk 0); Triton fp32, then fp16; the model-level GPU tests
 #          (Triton/compile in test_attention_methods, test_patch, test_llama); test_mixed_precision and
 #          test_conformance (CPU-only tests) last. Units still queued at the cap are reported NOT RUN, an
 #          interrupted one TIMEOUT with pytest's summary of what it ran.
-#   bench  cap 110 s BENCH_TIMEOUT  [~1.5 min] the copy bandwidth, measured here (benchmarks/adapter.py does not
+#   bench  cap  85 s BENCH_TIMEOUT  [~1.5 min] the copy bandwidth, measured here (benchmarks/adapter.py does not
 #          measure one; its --bandwidth default 2.96e12 is the H100's): y.copy_(x), 1 GiB fp32, bytes read +
 #          written, median of 20 (CUDA events); then benchmarks/adapter.py --device cuda --dtype bf16 --shapes
 #          8192x1024 --m 64 --kinds dense lowrank phm compacter (every provider) --bandwidth <measured>.
-#   attn   cap 130 s ATTN_TIMEOUT   [~2 min] benchmarks/inducer_attention.py --device cuda --dtype bf16 --d 64
-#          --L 512 1024 2048 4096 --B 8 --H 16 (causal, every provider; FlexAttention compiles once per L).
-#   train  cap  90 s TRAIN_TIMEOUT  [~1 min] benchmarks/train_step.py --family gpt2 --size base --device cuda
-#          --dtype bf16 --batch 8 --seq 512: GPT-2 small (the script has no medium size), methods
-#          TRAIN_METHODS (full_finetune,compacter,inducer_tuning,adapter,lora), one main() per method in one
-#          process (train_step.py writes its CSV at the end only: a timeout keeps the finished methods).
+#   attn   cap  95 s ATTN_TIMEOUT   [~2 min: the last lengths may be cut] benchmarks/inducer_attention.py
+#          --device cuda --dtype bf16 --d 64 --L 512 1024 2048 4096 --B 8 --H 16 (causal, every provider;
+#          FlexAttention compiles once per L).
+#   fastfood cap 55 s FASTFOOD_TIMEOUT [~45 s] benchmarks/fastfood.py --device cuda --reps 3: the Fastfood
+#          transform over every T5-base tensor (K 257, ΣL 388 M, d_z 19,742), forward and backward, providers
+#          triton cuda peer reference; the copy of ΣL fp32 timed in the same run gives the floor (issue 11).
+#   said   cap  45 s SAID_TIMEOUT   [~30 s] benchmarks/train_step.py --said --warmup 1 --steps 3: one AdamW step
+#          of T5-base (bf16 autocast, 32 x 128 -> 8): floor, full fine-tuning, LoRA, Intrinsic-SAID (d_I 20,000);
+#          time and peak memory, issue 11's targets (SAID <= 1.3x LoRA time, <= full FT peak memory).
+#   train  cap  40 s TRAIN_TIMEOUT  [the later methods are cut: train_full has them all] benchmarks/train_step.py --models
+#          gpt2-medium --warmup 1 --steps 3 (bf16 autocast, 8 x 512): floor, full_finetune, then kadapt's LoRA,
+#          prefix and prompt tuning each beside peft's (when peft imports), then every other kadapt method
+#          (TRAIN_METHODS, comma list, replaces the list). The CSV is rewritten after every method and SIGINT
+#          prints the table of those that finished: a timeout keeps them.
 # Time budget: GPU_CHECK_BUDGET=525 s for the whole call. A stage's timeout is min(its cap, the budget left
 # minus GPU_CHECK_RESERVE=20 s per later stage); a stage left with less than min(cap, 15 s) is SKIP (budget
 # exhausted). At the deadline a command gets SIGINT (pytest prints its summary, the benchmarks keep their
 # CSVs), SIGKILL 8 s later: the call ends by ~535 s < 9 min whatever hangs. Expected: ~5 s preamble + ~120
-# build + 120 test + ~100 bench + ~120 attn + ~55 train ~= 520 s: whichever stage runs late squeezes the
-# ones after it (their results so far are kept), never the 9 minutes.
-#
+# build + ~25 tune + 80 test + ~85 bench + ~95 attn + ~45 fastfood + ~30 said + ~40 train ~= 525 s (correctness
+# first: test keeps 80 s; train, 40 s, keeps the floor, full fine-tuning and the LoRA/prefix/prompt pairs with peft): whichever stage runs late squeezes the ones
+# after it (their results so far are kept), never the 9 minutes.
+
 # Opt-in stages (a second call; each is still bounded by GPU_CHECK_BUDGET, so raise it to ~570 for one long
 # stage in a 600 s call):
 #   test_full   cap 560 s TEST_FULL_TIMEOUT   every unit file whole: every chunk, dtype and backend.
@@ -57,7 +79,12 @@
 #   attn_full   cap 560 s ATTN_FULL_TIMEOUT   inducer_attention.py's default sweep (d 64 and 128), results_full/.
 #   attn_train  cap 240 s ATTN_TRAIN_TIMEOUT  GPT-2 small, bf16, 8 x 512: full_finetune lora kernel_mix
 #                                             inducer_tuning prefix_tuning mam.
-#   train_t5    cap 240 s TRAIN_T5_TIMEOUT    T5-base, bf16, 32 x 128, train_step.py's default methods.
+#   train_t5    cap 240 s TRAIN_T5_TIMEOUT    T5-base, bf16 autocast, 32 x 128 -> 8, every method.
+#   fastfood_full cap 180 s FASTFOOD_FULL_TIMEOUT  fastfood.py at T5-base, every provider, --reps 20, to results_full/.
+#   said_full   cap 150 s SAID_FULL_TIMEOUT   train_step.py --said --warmup 2 --steps 10, to results_full/.
+#   train_full  cap 560 s TRAIN_FULL_TIMEOUT  train_step.py: GPT-2-medium, RoBERTa-base, T5-base and Llama-3.2-1B-
+#                                             shaped, every method, peft peers and the floor (--warmup 2 --steps 5),
+#                                             to results_full/ (TRAIN_FULL_ARGS appended, e.g. "--models llama-3.2-1b").
 #
 # Other env knobs
 #   OUT (/tmp/kadapt_gpu; the device tool sets it), PYTHON (python3; the CI test passes sys.executable),
@@ -65,28 +92,35 @@
 #   carried in .wheels), TEST_CASE_TIMEOUT (120), TEST_UNITS_FILE (lines "label|test_file.py|-k expression"
 #   replacing TEST_UNITS; an empty expression runs the whole file), TEST_PREWARM (1; 0 = off), PREWARM_JOBS
 #   (6), TORCHINDUCTOR_COMPILE_THREADS (1 in the test workers), BENCH_BANDWIDTH (B/s: use it, measure
-#   nothing), BENCH_ARGS, ATTN_ARGS, TRAIN_ARGS (flags appended to the benchmark's command line: the last
-#   occurrence wins, e.g. ATTN_ARGS="--providers sdpa triton cuda"), TRAIN_METHODS (comma list),
+#   nothing), BENCH_ARGS, ATTN_ARGS, FASTFOOD_ARGS, SAID_ARGS, TRAIN_ARGS, TRAIN_FULL_ARGS (flags appended to the
+#   benchmark's command line: the last occurrence wins, e.g. ATTN_ARGS="--providers sdpa triton cuda"),
+#   TRAIN_METHODS (comma list), TUNE_JOBS (8; dry run 1: the tune stage's check processes), TUNE_PREWARM (1;
+#   0 = off), TUNE_PREWARM_JOBS (4; dry run 1), TUNE_ARGS (appended to tune_triton.py's command line, e.g.
+#   "--kernels inducer_attention_fwd"),
 #   CUDA_HOME (/usr/local/cuda), TORCH_CUDA_ARCH_LIST (9.0), MAX_JOBS (16).
 #
 # Dry run (GPU_CHECK_DRY_RUN=1; tests/integration/test_gpu_check.py runs it in CI): every requested stage on the CPU,
 # to test this script, not kadapt. CUDA_VISIBLE_DEVICES="" and TRITON_INTERPRET=1 (Triton in its
 # interpreter); nvidia-smi may be absent. build: NOTHING is built or installed (no pip, no .wheels):
 # `python -m kadapt info` of the current environment; the prewarm runs `sleep 60` stand-ins, stopped after
-# info (the start/stop path). test: collection only (pytest --co), because the units would take many minutes
+# info (the start/stop path), as does the tune prewarm (tune_triton.py --dry-run --check-only). tune:
+# tune_triton.py --dry-run from the source tree (Triton's interpreter, tiny fp32 shapes, one bucket per kernel, 2
+# candidates; the table is written to tuning/cpu.json, never installed). test: collection only (pytest --co), because the units would take many minutes
 # in the interpreter and the GPU-only tests skip on a CPU anyway: units 0-1 (DRY_TEST_UNITS=2) through the
 # GPU run's queue/worker/timeout path, and every unit's -k applied by pytest's own matcher to ONE collection
 # of all unit files (~25 pytest start-ups would take minutes on 2 cores); a unit whose -k selects nothing
 # (a renamed test would silently leave the GPU sweep) or whose file does not collect fails. bench/attn/
-# train: the same scripts at tiny shapes in fp32 (adapter --quick; attention --quick --L 24; a 2-layer
-# GPT-2, batch 2 x 8, one step), the providers/methods that run on a CPU; the cuda provider, torch.compile
-# and FlexAttention are skipped with the reason in the summary.
+# fastfood/said/train: the same scripts at tiny shapes in fp32 (adapter --quick; attention --quick --L 24;
+# fastfood --tiny: 4 small tensors; train_step --tiny: 2-layer models, batch 2 x 8, one step), the
+# providers/methods that run on a CPU; the cuda provider, torch.compile and FlexAttention are skipped with
+# the reason in the summary.
 #
 # Output under $OUT: summary.md: a header, a table of every requested stage (status, seconds, timeout, note),
 # then one section per finished stage (key lines, tables, failures); rewritten atomically at each stage's
 # start and end, so it is complete if the call is killed (that stage then shows RUNNING, later ones PENDING).
 # Status: PASS, FAIL, TIMEOUT, FAIL+TIMEOUT (test), SKIP. Full logs: <stage>.log (+ <stage>.err for the
-# benchmarks), tests/<stage>/<nn>_<unit>.log, prewarm/, info.txt, gpu.txt, copy_bandwidth.txt; benchmark
+# benchmarks), tests/<stage>/<nn>_<unit>.log, prewarm/, info.txt, gpu.txt, copy_bandwidth.txt, tuning/ (the
+# table <arch>.json, summary.md, checks.jsonl); benchmark
 # CSV/PNG/targets under results/ (results_full/ for the *_full stages). Exit status: 0 when every stage
 # passed, 1 otherwise, 2 for an unknown stage.
 #
@@ -107,17 +141,24 @@ RESERVE="${GPU_CHECK_RESERVE:-20}"
 MIN_STAGE=15
 KILL_GRACE=8
 
-DEFAULT_STAGES="build test bench attn train"
-OPTIONAL_STAGES="test_full bench_full attn_full attn_train train_t5"
+DEFAULT_STAGES="build tune test bench attn fastfood said train"
+OPTIONAL_STAGES="test_full bench_full attn_full attn_train train_t5 fastfood_full said_full train_full"
 declare -A CAP=(
-    [build]="${BUILD_TIMEOUT:-240}" [test]="${TEST_TIMEOUT:-120}" [bench]="${BENCH_TIMEOUT:-110}"
-    [attn]="${ATTN_TIMEOUT:-130}" [train]="${TRAIN_TIMEOUT:-90}"
+    [build]="${BUILD_TIMEOUT:-240}" [tune]="${TUNE_TIMEOUT:-45}" [test]="${TEST_TIMEOUT:-$(( DRY ? 120 : 80 ))}"
+    [bench]="${BENCH_TIMEOUT:-85}"
+    [attn]="${ATTN_TIMEOUT:-95}" [fastfood]="${FASTFOOD_TIMEOUT:-55}" [said]="${SAID_TIMEOUT:-45}"
+    [train]="${TRAIN_TIMEOUT:-40}"
+    [fastfood_full]="${FASTFOOD_FULL_TIMEOUT:-180}" [said_full]="${SAID_FULL_TIMEOUT:-150}"
+    [train_full]="${TRAIN_FULL_TIMEOUT:-560}"
     [test_full]="${TEST_FULL_TIMEOUT:-560}" [bench_full]="${BENCH_FULL_TIMEOUT:-300}"
     [attn_full]="${ATTN_FULL_TIMEOUT:-560}" [attn_train]="${ATTN_TRAIN_TIMEOUT:-240}"
     [train_t5]="${TRAIN_T5_TIMEOUT:-240}")
 declare -A WHAT=(
-    [build]="build + kadapt info" [test]="GPU correctness sweep (bounded)" [bench]="copy bandwidth + fused adapter, target shape"
-    [attn]="inducer attention, d=64, target shapes" [train]="training step, GPT-2 small, bf16"
+    [build]="build + kadapt info" [tune]="Triton launch configs: sweep -> table" [test]="GPU correctness sweep (bounded)" [bench]="copy bandwidth + fused adapter, target shape"
+    [attn]="inducer attention, d=64, target shapes" [fastfood]="Fastfood transform, T5-base"
+    [said]="training step, T5-base: SAID vs LoRA vs full" [train]="training step, GPT-2-medium, every method"
+    [fastfood_full]="Fastfood transform, T5-base, 20 reps" [said_full]="SAID vs LoRA vs full, 10 steps"
+    [train_full]="training step, 4 models, every method"
     [test_full]="every GPU test, whole files" [bench_full]="fused adapter, full sweep"
     [attn_full]="inducer attention, full sweep" [attn_train]="training step, attention methods"
     [train_t5]="training step, T5-base")
@@ -133,8 +174,10 @@ has() { [[ " ${STAGES[*]} " == *" $1 "* ]]; }
 KNOBS=""  # the env knobs set by the caller (for the summary's header)
 for v in GPU_CHECK_BUDGET GPU_CHECK_RESERVE BUILD_TIMEOUT TEST_TIMEOUT BENCH_TIMEOUT ATTN_TIMEOUT TRAIN_TIMEOUT \
          TEST_FULL_TIMEOUT BENCH_FULL_TIMEOUT ATTN_FULL_TIMEOUT ATTN_TRAIN_TIMEOUT TRAIN_T5_TIMEOUT TEST_JOBS \
+         FASTFOOD_TIMEOUT SAID_TIMEOUT FASTFOOD_FULL_TIMEOUT SAID_FULL_TIMEOUT TRAIN_FULL_TIMEOUT \
          TEST_ARGS TEST_CASE_TIMEOUT TEST_UNITS_FILE TEST_PREWARM PREWARM_JOBS DRY_TEST_UNITS BENCH_BANDWIDTH \
-         BENCH_ARGS ATTN_ARGS TRAIN_ARGS TRAIN_METHODS; do
+         BENCH_ARGS ATTN_ARGS FASTFOOD_ARGS SAID_ARGS TRAIN_ARGS TRAIN_FULL_ARGS TRAIN_METHODS \
+         TUNE_TIMEOUT TUNE_JOBS TUNE_PREWARM TUNE_PREWARM_JOBS TUNE_ARGS; do
     [ -n "${!v+x}" ] && KNOBS+=" $v=${!v}"
 done
 
@@ -148,16 +191,20 @@ if [ "$DRY" = 1 ]; then
     export CUDA_VISIBLE_DEVICES="" TRITON_INTERPRET=1
     TEST_JOBS="${TEST_JOBS:-2}"
     PREWARM_JOBS="${PREWARM_JOBS:-1}"
+    TUNE_JOBS="${TUNE_JOBS:-1}"
+    TUNE_PREWARM_JOBS="${TUNE_PREWARM_JOBS:-1}"
 else
     TEST_JOBS="${TEST_JOBS:-8}"
     PREWARM_JOBS="${PREWARM_JOBS:-6}"
+    TUNE_JOBS="${TUNE_JOBS:-8}"
+    TUNE_PREWARM_JOBS="${TUNE_PREWARM_JOBS:-4}"
 fi
 TEST_CASE_TIMEOUT="${TEST_CASE_TIMEOUT:-120}"
 # parallel pytest workers: inductor compiles in-process (no pool of cpu_count compile workers per pytest)
 INDUCTOR_THREADS="${TORCHINDUCTOR_COMPILE_THREADS:-1}"
 
 SD="$OUT/.summary"
-rm -rf "$SD" "$OUT/tests" "$OUT/prewarm"
+rm -rf "$SD" "$OUT/tests" "$OUT/prewarm" "$OUT/tuning"
 mkdir -p "$SD/bin" "$OUT/tests"
 SUM="$OUT/summary.md"
 
@@ -223,61 +270,6 @@ for r in rows[:limit]:
     print("| " + " | ".join(str(r.get(c, "")).replace("|", "/").replace("\n", " ")[:80] for c in cols) + " |")
 if len(rows) > limit:
     print(f"\n({len(rows) - limit} more rows in {path})")
-PYEOF
-
-cat > "$SD/bin/train_methods.py" <<'PYEOF'
-"""train_methods.py ROOT OUT M1,M2,... [train_step.py flags]: benchmarks/train_step.py main() once per method
-(its CSV is written only at the end of a run), each into OUT/<method>/, so a timeout keeps the finished ones."""
-import importlib.util
-import pathlib
-import sys
-import traceback
-
-root, out, methods, rest = sys.argv[1], pathlib.Path(sys.argv[2]), sys.argv[3].split(","), sys.argv[4:]
-spec = importlib.util.spec_from_file_location("train_step", f"{root}/benchmarks/train_step.py")
-mod = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(mod)
-failed = []
-for m in methods:
-    print(f"== method {m}", flush=True)
-    try:
-        mod.main([*rest, "--methods", m, "--out", str(out / m)])
-    except Exception:  # noqa: BLE001 - report and go on with the next method
-        traceback.print_exc()
-        failed.append(m)
-    sys.stdout.flush()
-print(f"failed methods: {', '.join(failed) if failed else 'none'}")
-sys.exit(1 if failed else 0)
-PYEOF
-
-cat > "$SD/bin/train_table.py" <<'PYEOF'
-"""train_table.py OUT M1,M2,...: one markdown row per method that wrote OUT/<method>/train_step_*.csv."""
-import csv
-import glob
-import sys
-
-out, methods = sys.argv[1], sys.argv[2].split(",")
-rows = []
-for m in methods:
-    for path in sorted(glob.glob(f"{out}/{m}/train_step_*.csv")):
-        with open(path, newline="") as f:
-            rows += list(csv.DictReader(f))
-if not rows:
-    print("(no method finished)")
-    sys.exit(0)
-r0 = rows[0]
-print(f"{r0['family']} {r0['size']}, {r0['device']} {r0['dtype']}, batch {r0['batch']} x {r0['seq']}, "
-      f"backend {r0['backend']}\n")
-base = next((float(r["ms_per_step"]) for r in rows if r["method"] == "full_finetune"), None)
-print("| method | trainable | total | ms/step | tokens/s | peak MiB | vs full FT |")
-print("|---|---|---|---|---|---|---|")
-for r in rows:
-    ratio = f"{float(r['ms_per_step']) / base:.2f}x" if base else "-"
-    print(f"| {r['method']} | {int(r['trainable']):,} | {int(r['total']):,} | {float(r['ms_per_step']):.2f} | "
-          f"{float(r['tokens_per_s']):.0f} | {r['peak_mib']} | {ratio} |")
-missing = [m for m in methods if m not in {r["method"] for r in rows}]
-if missing:
-    print(f"\nnot measured: {', '.join(missing)}")
 PYEOF
 
 cat > "$SD/bin/gpu_check_unitsel.py" <<'PYEOF'
@@ -380,12 +372,14 @@ TEST_UNITS=(
     "ops|ops/test_ops.py|"
     "custom_ops|ops/test_custom_ops.py|"
     "op_autocast|ops/test_op_autocast.py|"
+    "fastfood.cuda|ops/test_fastfood.py|cuda"
     "fused_adapter.rest|ops/test_fused_adapter.py|not random_configs or [cuda- or [reference-bf16-0]"
     "inducer_attention.rest|ops/test_inducer_attention.py|not random_configs or [reference-bf16-0]"
     "phm.rest|ops/test_phm.py|not random_configs or [cuda- or [reference-bf16-0]"
     "inducer_gqa|ops/test_inducer_gqa.py|not kernels_match_reference or [0]"
     "inducer_dropout|ops/test_inducer_dropout.py|not random_configs or [0]"
     "inducer_bias|ops/test_inducer_bias.py|not random_configs or [0]"
+    "fastfood.rest|ops/test_fastfood.py|not cuda"
     "fused_adapter.triton.fp32|ops/test_fused_adapter.py|[triton-fp32-0]"
     "inducer_attention.triton.fp32|ops/test_inducer_attention.py|[triton-fp32-0]"
     "phm.triton.fp32|ops/test_phm.py|[triton-fp32-0]"
@@ -522,6 +516,33 @@ $(wc -l < "$PREWARM_Q/units") units completed, $stopped stopped when the build f
     PREWARM_Q=""
 }
 
+# the tune prewarm: tune_triton.py --check-only in the background during the build (from the source tree), its
+# results recorded in $TUNE_CHECKS for the tune stage; stopped (SIGINT to its timeout, which passes it to the
+# process group: the check processes too) after `info`
+TUNE_CHECKS="$OUT/tuning/checks.jsonl"
+TUNE_PREWARM_PID=""
+tune_prewarm_start() {
+    [ "${TUNE_PREWARM:-1}" = 1 ] && has tune || return 0
+    local dry=()
+    [ "$DRY" = 1 ] && dry=(--dry-run)
+    mkdir -p "$OUT/prewarm" "$OUT/tuning"
+    (cd "$ROOT" && exec env PYTHONPATH="$ROOT" timeout -s INT -k "$KILL_GRACE" $(( STAGE_END - $(date +%s) )) \
+        "$PY" "$ROOT/scripts/tune_triton.py" --check-only --jobs "$TUNE_PREWARM_JOBS" --checks "$TUNE_CHECKS" \
+        "${dry[@]}" > "$OUT/prewarm/tune.log" 2>&1) &
+    TUNE_PREWARM_PID=$!
+    log "tune prewarm: tune_triton.py --check-only, $TUNE_PREWARM_JOBS processes, from the source tree"
+}
+tune_prewarm_stop() {
+    [ -n "$TUNE_PREWARM_PID" ] || return 0
+    kill -INT "$TUNE_PREWARM_PID" 2>/dev/null
+    wait "$TUNE_PREWARM_PID" 2>/dev/null
+    TUNE_PREWARM_PID=""
+    local n
+    n=$(grep -c . "$TUNE_CHECKS" 2>/dev/null)
+    sec "" "Tune prewarm (tune_triton.py --check-only from the source tree, during the build): ${n:-0} candidate \
+checks recorded for the tune stage; log in prewarm/tune.log."
+}
+
 # ---------------------------------------------------------------------------------------------------------
 # stages: each writes its section with sec/sec_code and returns 0 (pass) or not; STAGE_TIMEDOUT=1 on timeout
 
@@ -530,8 +551,10 @@ stage_build() {
     if [ "$DRY" = 1 ]; then
         sec "Dry run: nothing is built or installed; \`python -m kadapt info\` of the current environment ($PY)."
         prewarm_start
+        tune_prewarm_start
     else
         prewarm_start
+        tune_prewarm_start
         s=$(date +%s)
         (cd "$ROOT" && bounded "$LOG" "$PY" -m pip install --no-build-isolation --no-deps "$ROOT")
         rc=$?
@@ -545,6 +568,7 @@ rc $rc, $(( $(date +%s) - s )) s"
     local irc=$?
     (( irc == 124 || irc == 137 )) && STAGE_TIMEDOUT=1
     prewarm_stop
+    tune_prewarm_stop
     sec "" "\`python -m kadapt info\` (from /): rc $irc"
     sec_code "$OUT/info.txt"
     (( rc == 0 && irc == 0 )) || return 1
@@ -629,6 +653,40 @@ files (collect.log). A unit whose -k selects nothing, or whose file does not col
     STAGE_NOTE="$passed of $total units passed"
     (( tmo )) && STAGE_TIMEDOUT=1
     (( fails == 0 ))
+}
+stage_tune() {
+    local args=(--out "$OUT/tuning" --checks "$TUNE_CHECKS" --summary "$OUT/tuning/summary.md" --commit "$COMMIT"
+                --jobs "$TUNE_JOBS")
+    local env=()
+    if [ "$DRY" = 1 ]; then
+        # nothing is installed in a dry run: the source tree's kadapt
+        env=(PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}")
+        args+=(--dry-run)
+        sec "Dry run: Triton's interpreter, tiny fp32 shapes, one bucket per kernel, 2 candidates, from the source \
+tree; the table is written to tuning/ only, never installed."
+    else
+        args+=(--install)
+    fi
+    # shellcheck disable=SC2086
+    (cd / && ERRLOG="$OUT/$STAGE.err" bounded "$LOG" env "${env[@]}" "$PY" "$ROOT/scripts/tune_triton.py" "${args[@]}" \
+        ${TUNE_ARGS:-})
+    local rc=$?
+    (( rc == 124 || rc == 137 )) && STAGE_TIMEDOUT=1
+    sec "\`scripts/tune_triton.py ${args[*]} ${TUNE_ARGS:-}\`: rc $rc"
+    sec "" "$(grep -E '^(checks:|table:)' "$LOG")"
+    [ -s "$OUT/tuning/summary.md" ] && sec "" "$(cat "$OUT/tuning/summary.md")"
+    local table
+    table=$(ls "$OUT"/tuning/*.json 2>/dev/null | head -n 1)
+    if [ -n "$table" ] && [ "$DRY" = 0 ]; then
+        sec "" "Commit \`tuning/$(basename "$table")\` as \`kadapt/ops/tuning_tables/$(basename "$table")\`. In force now \
+(from /): $(cd / && "$PY" -c 'from kadapt.ops import tuning; print(tuning.status())' 2>&1 | tail -n 1)"
+    fi
+    if (( rc != 0 )); then
+        sec "" "stdout / stderr tails:"
+        sec_code "$LOG" 25
+        sec_code "$OUT/$STAGE.err" 15
+    fi
+    return $rc
 }
 stage_test() { run_tests bounded; }
 stage_test_full() { run_tests full; }
@@ -735,48 +793,75 @@ stage_attn_full() {
     fi
 }
 
-run_train() {  # METHODS(comma) args...
-    local methods=$1; shift
-    local res="$OUT/results/train_$STAGE"
-    # shellcheck disable=SC2086
-    (cd / && ERRLOG="$OUT/$STAGE.err" bounded "$LOG" "$PY" "$SD/bin/train_methods.py" "$ROOT" "$res" "$methods" \
-        "$@" ${TRAIN_ARGS:-})
+# run_py RESULTS_DIR SCRIPT STARTLINE args...: benchmarks/SCRIPT (stdout to $LOG, stderr to $STAGE.err) into
+# RESULTS_DIR; its printed table (stdout from the line matching STARTLINE) goes into the section. The scripts
+# rewrite their CSV as they go and print what finished when the deadline's SIGINT arrives.
+run_py() {
+    local res=$1 script=$2 start=$3; shift 3
+    (cd / && ERRLOG="$OUT/$STAGE.err" bounded "$LOG" "$PY" "$ROOT/benchmarks/$script" "$@" --out "$res")
     local rc=$?
     (( rc == 124 || rc == 137 )) && STAGE_TIMEDOUT=1
-    sec "\`benchmarks/train_step.py $* ${TRAIN_ARGS:-}\`, one main() per method ($methods): rc $rc"
-    sec "" "$("$PY" "$SD/bin/train_table.py" "$res" "$methods")"
+    sec "\`benchmarks/$script $*\`: rc $rc" ""
+    if grep -q "$start" "$LOG"; then
+        sec "$(sed -n "/$start/,\$p" "$LOG")"
+    else
+        sec "(no table printed)"
+    fi
     if (( rc != 0 )); then
         sec "" "stdout / stderr tails:"
-        sec_code "$LOG" 20
-        sec_code "$OUT/$STAGE.err" 20
+        sec_code "$LOG" 15
+        sec_code "$OUT/$STAGE.err" 25
     fi
     return $rc
 }
-DRY_TRAIN=(--size tiny --device cpu --dtype fp32 --batch 2 --seq 8 --warmup 0 --steps 1)
-stage_train() {
-    local methods="${TRAIN_METHODS:-full_finetune,compacter,inducer_tuning,adapter,lora}"
+DRY_TRAIN=(--tiny --device cpu --dtype fp32 --warmup 0 --steps 1)
+run_fastfood() {  # RESULTS_DIR args...
+    local res=$1; shift
+    # shellcheck disable=SC2086
     if [ "$DRY" = 1 ]; then
-        sec "Dry run: a 2-layer GPT-2 (--size tiny), fp32, batch 2 x 8, one step per method."
-        run_train "$methods" --family gpt2 "${DRY_TRAIN[@]}"
+        sec "Dry run: 4 small tensors (--tiny), Triton in the interpreter; the cuda provider is skipped (its reason below)."
+        run_py "$res" fastfood.py '^# fastfood' --device cpu --tiny --reps 1 ${FASTFOOD_ARGS:-}
     else
-        run_train "$methods" --family gpt2 --size base --device cuda --dtype bf16 --batch 8 --seq 512
+        run_py "$res" fastfood.py '^# fastfood' --device cuda "$@" ${FASTFOOD_ARGS:-}
     fi
 }
+stage_fastfood() { run_fastfood "$OUT/results" --reps 3; }
+stage_fastfood_full() { run_fastfood "$OUT/results_full" --reps 20; }
+run_said() {  # RESULTS_DIR args...
+    local res=$1; shift
+    # shellcheck disable=SC2086
+    if [ "$DRY" = 1 ]; then
+        sec "Dry run: a 2-layer T5 (--tiny), fp32, batch 2 x 8 -> 2, one step per method; no memory figures on the CPU."
+        run_py "$res" train_step.py '^# train_step' --said "${DRY_TRAIN[@]}" ${SAID_ARGS:-}
+    else
+        run_py "$res" train_step.py '^# train_step' --said --device cuda --dtype bf16 "$@" ${SAID_ARGS:-}
+    fi
+}
+stage_said() { run_said "$OUT/results" --warmup 1 --steps 3; }
+stage_said_full() { run_said "$OUT/results_full" --warmup 2 --steps 10; }
+run_train() {  # RESULTS_DIR METHODS(comma, empty: all) args...
+    local res=$1 methods=$2; shift 2
+    local margs=()
+    [ -n "$methods" ] && margs=(--methods ${methods//,/ })
+    if [ "$DRY" = 1 ]; then
+        sec "Dry run: 2-layer models (--tiny), fp32, batch 2 x 8, one step per method."
+        # shellcheck disable=SC2086
+        run_py "$res" train_step.py '^# train_step' "$@" "${margs[@]}" "${DRY_TRAIN[@]}" ${TRAIN_ARGS:-}
+    else
+        # shellcheck disable=SC2086
+        run_py "$res" train_step.py '^# train_step' "$@" "${margs[@]}" --device cuda --dtype bf16 ${TRAIN_ARGS:-}
+    fi
+}
+stage_train() { run_train "$OUT/results" "${TRAIN_METHODS:-}" --models gpt2-medium --warmup 1 --steps 3; }
 stage_attn_train() {
-    local methods="full_finetune,lora,kernel_mix,inducer_tuning,prefix_tuning,mam"
-    if [ "$DRY" = 1 ]; then
-        run_train "$methods" --family gpt2 "${DRY_TRAIN[@]}"
-    else
-        run_train "$methods" --family gpt2 --size base --device cuda --dtype bf16 --batch 8 --seq 512
-    fi
+    run_train "$OUT/results_full" "floor,full_finetune,lora,peft:lora,kernel_mix,inducer_tuning,prefix_tuning,peft:prefix_tuning,mam" \
+        --models gpt2
 }
-stage_train_t5() {
-    local methods="full_finetune,adapter,pfeiffer,low_rank_adapter,phm_adapter,compacter,compacter++,bitfit"
-    if [ "$DRY" = 1 ]; then
-        run_train "$methods" --family t5 "${DRY_TRAIN[@]}"
-    else
-        run_train "$methods" --family t5 --size base --device cuda --dtype bf16 --batch 32 --seq 128
-    fi
+stage_train_t5() { run_train "$OUT/results_full" "" --models t5-base; }
+stage_train_full() {
+    # shellcheck disable=SC2086
+    run_train "$OUT/results_full" "" --models gpt2-medium roberta-base t5-base llama-3.2-1b --warmup 2 --steps 5 \
+        ${TRAIN_FULL_ARGS:-}
 }
 
 # ---------------------------------------------------------------------------------------------------------

@@ -73,9 +73,12 @@ def poisoned(monkeypatch):
 
 
 def set_tiles(monkeypatch, tiles):
-    """Interpreter tiles (BM, BN); on a GPU the real tiles are kept."""
+    """Interpreter tiles (BM, BN) for every attention kernel; on a GPU the real tiles are kept."""
     if tiles is not None and not GPU:
-        monkeypatch.setattr(K, "_tiles", lambda d, on_gpu: (*tiles, 4))
+        from kadapt.ops import tuning  # here, not at the top: collection must work against an older installed kadapt
+
+        for kernel, cfg in K.tile_overrides(*tiles).items():
+            monkeypatch.setitem(tuning.OVERRIDES, kernel, cfg)
 
 
 def visible(B, Tq, Tk, causal, kpm):

@@ -205,7 +205,7 @@ def test_cli_info(tmp_path):
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
     for name in ("kadapt:", "python:", "torch:", "triton:", "transformers:", "kadapt._C:",
-                 "CUDA device:", "backend:", "available:"):
+                 "CUDA device:", "backend:", "available:", "tuning:"):
         assert name in out, f"{name!r} missing from:\n{out}"
     assert torch.__version__ in out
     assert "reference" in out.split("available:")[1]

@@ -163,15 +163,14 @@ def run_config(cfg: Config, backend: str, dtype: torch.dtype, device: str = fa.D
     label = f"{backend} {dtype} {cfg}"
     kadapt.set_backend(backend)
     kernels = importlib.import_module("kadapt.ops.triton.inducer_attention") if backend == "triton" else None
-    tiles = kernels._tiles if kernels else None
-    if kernels and not fa.GPU:  # small tiles so that the tiny shapes span several tiles in both loops
-        kernels._tiles = lambda d, on_gpu: (*cfg.tiles, 4)
+    tuning = importlib.import_module("kadapt.ops.tuning")  # not at the top: collection must work with an older kadapt
+    # small tiles so that the tiny shapes span several tiles in both loops
+    forced = kernels.tile_overrides(*cfg.tiles) if kernels and not fa.GPU else {}
     try:
-        (o, lse, w), grads = run(inducer_attention, leaves, (do, dlse, dw))
+        with tuning.override(forced):
+            (o, lse, w), grads = run(inducer_attention, leaves, (do, dlse, dw))
     finally:
         kadapt.set_backend("auto")
-        if kernels:
-            kernels._tiles = tiles
     assert o.dtype == dtype and lse.dtype == torch.float32 and w.dtype == torch.float32, label
     up64 = tuple(t.detach().to("cpu", torch.float64) for t in (do, dlse, dw))
     (o64, lse64, w64), grads64 = run(inducer_attention_reference, fa.to64(leaves), up64)

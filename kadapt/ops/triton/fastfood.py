@@ -29,9 +29,11 @@ The randomness is regenerated in-kernel from the per-tensor keys of the plan (``
 ``_perm``: uint32 ops, identical to the torch int64 emulation in kadapt/ops/fastfood.py).
 
 ``tl.dot`` runs with ``DOT_PRECISION`` ("ieee": exact fp32 sums of ±x; "tf32x3" would use tensor
-cores at about fp32 accuracy — to be measured on a GPU, not yet validated). Tile sizes: ``GPU_CONFIG``
-on CUDA (tl.dot needs every dim ≥ 16 there), ``INTERPRET_CONFIG`` (tiny, so small tests exercise
-several outer levels) in the interpreter; ``CONFIG`` overrides both. Not validated on a GPU yet.
+cores at about fp32 accuracy — to be measured on a GPU, not yet validated). Tile sizes and warps: from
+kadapt/ops/tuning.py (``fastfood_schedule``: TR, TC, RO, OC, by default 64, 128, 64, 64 on CUDA — tl.dot
+needs every dim ≥ 16 there — and 4, 8, 4, 4 in the interpreter, so small tests exercise several outer
+levels; ``fastfood_inner`` / ``_outer`` / ``_reduce``: warps); ``CONFIG`` overrides the tiles. Not validated
+on a GPU yet.
 """
 from __future__ import annotations
 
@@ -39,16 +41,14 @@ import torch
 import triton
 import triton.language as tl
 
+from kadapt.ops import tuning
 from kadapt.ops.fastfood import INFO_COLS, N_ROUNDS, FastfoodPlan
 
 assert N_ROUNDS == 4, "the Triton Feistel is unrolled for 4 rounds"
 
-GPU_CONFIG = (64, 128, 64, 64)  # TR, TC (inner tile T = TR·TC = 2^13), RO (outer radix), OC (outer columns)
-INTERPRET_CONFIG = (4, 8, 4, 4)  # T = 32: interpreter tests run one to three outer levels at small L
-CONFIG: tuple[int, int, int, int] | None = None
+CONFIG: tuple[int, int, int, int] | None = None  # TR, TC (inner tile T = TR·TC), RO (outer radix), OC (outer columns)
 DOT_PRECISION = "ieee"
 POISON = False  # tests: outputs and workspaces start as NaN, so an unwritten element shows
-_REDUCE_BLOCK = 256
 
 
 # ---------------------------------------------------------------------------------------------
@@ -256,7 +256,8 @@ def _reduce_kernel(q_ptr, dz_ptr, info_ptr, K, d_z, compat, NCOL: tl.constexpr, 
 def _config(device: torch.device) -> tuple[int, int, int, int]:
     if CONFIG is not None:
         return CONFIG
-    return GPU_CONFIG if device.type == "cuda" else INTERPRET_CONFIG
+    cfg = tuning.launch_config("fastfood_schedule", device)
+    return cfg["TR"], cfg["TC"], cfg["RO"], cfg["OC"]
 
 
 def levels(L: int, T: int, RO: int) -> list[tuple[int, int]]:
@@ -331,25 +332,22 @@ def _unpack(tables, meta):
             tables[3:3 + J])
 
 
-def _warps(elems: int, device) -> int:
-    return 1 if device.type != "cuda" else (8 if elems >= 8192 else 4)
-
-
 def _run(mode, src, tables, meta, out=None):
     (d_z, total_out, total_ws, K, TR, TC, RO, OC, P, PJ, info, sigma, inner, level_tables) = _unpack(tables, meta)
     ws1, ws2 = _empty(total_ws, src), _empty(total_ws, src)
     out = ws2 if out is None else out
-    wi, wo = _warps(TR * TC, src.device), _warps(RO * OC, src.device)
+    ci = tuning.launch_config("fastfood_inner", src.device, tile=TR * TC)
+    co = tuning.launch_config("fastfood_outer", src.device, tile=RO * OC)
     _inner_kernel[(P,)](src, ws1, out, info, sigma, inner, MODE=mode, STAGE=1, TR=TR, TC=TC, NCOL=INFO_COLS,
-                        PREC=DOT_PRECISION, num_warps=wi)
+                        PREC=DOT_PRECISION, **ci)
     for pj, tab in zip(PJ, level_tables):
         _outer_kernel[(pj,)](ws1, out, info, sigma, tab, 0, MODE=mode, RO=RO, OC=OC, NCOL=INFO_COLS,
-                             PREC=DOT_PRECISION, num_warps=wo)
+                             PREC=DOT_PRECISION, **co)
     _inner_kernel[(P,)](ws1, ws2, out, info, sigma, inner, MODE=mode, STAGE=2, TR=TR, TC=TC, NCOL=INFO_COLS,
-                        PREC=DOT_PRECISION, num_warps=wi)
+                        PREC=DOT_PRECISION, **ci)
     for pj, tab in zip(PJ, level_tables):
         _outer_kernel[(pj,)](ws2, out, info, sigma, tab, 1, MODE=mode, RO=RO, OC=OC, NCOL=INFO_COLS,
-                             PREC=DOT_PRECISION, num_warps=wo)
+                             PREC=DOT_PRECISION, **co)
     return ws2, out
 
 
@@ -366,6 +364,6 @@ def fastfood_bwd(grad: torch.Tensor, tables, meta) -> torch.Tensor:
     q, _ = _run(1, grad, tables, meta)
     dz = _empty(d_z, grad)
     info = tables[0]
-    _reduce_kernel[(triton.cdiv(d_z, _REDUCE_BLOCK),)](q, dz, info, K, d_z, int(meta[-1]), NCOL=INFO_COLS,
-                                                       BJ=_REDUCE_BLOCK)
+    cfg = tuning.launch_config("fastfood_reduce", grad.device)
+    _reduce_kernel[(triton.cdiv(d_z, cfg["BJ"]),)](q, dz, info, K, d_z, int(meta[-1]), NCOL=INFO_COLS, **cfg)
     return dz

@@ -25,7 +25,10 @@ import torch
 import triton
 import triton.language as tl
 
+from kadapt.ops import tuning
+
 KINDS = {"dense": 0, "phm": 1, "compacter": 2, "lowrank": 3}
+KIND_NAMES = {code: name for name, code in KINDS.items()}
 
 # Constants are literals inside the kernels (compiled Triton rejects plain float globals and the
 # interpreter mishandles constexpr ones): √(2/π) = 0.7978845608028654, 1/√2 = 0.7071067811865476,
@@ -262,19 +265,15 @@ def _factor_args(kind: int, tensors: list[torch.Tensor]) -> tuple:
     return left, right, right, 1, left.shape[-1]
 
 
-def _tiles(m: int) -> tuple[int, int, int, int]:
-    """(BT, BK, BM, num_warps) for bottleneck m."""
-    bm = max(16, triton.next_power_of_2(m))
-    if bm <= 64:
-        return 32, 128, bm, 4  # best of a BT×BK×warps sweep on an H100 (T=8192, D=1024, m=64, bf16)
-    if bm <= 128:
-        return 64, 64, bm, 8
-    return 64, 32, bm, 8
+def _bm(m: int) -> int:
+    """BM: the bottleneck m padded to a power of two (>= 16 for tl.dot); the h tile is BT × BM."""
+    return max(16, triton.next_power_of_2(m))
 
 
-def _bwd_tiles(m: int) -> tuple[int, int, int, int]:
-    """(BT, BK, BM, num_warps) of the backward kernel."""
-    return _tiles(m)
+def _config(kernel: str, x: torch.Tensor, down_kind: int, up_kind: int, bm: int) -> dict[str, int]:
+    """BT, BK, num_warps (and maybe num_stages) of the forward or backward kernel (kadapt/ops/tuning.py)."""
+    return tuning.launch_config(kernel, x.device, down=KIND_NAMES[down_kind], up=KIND_NAMES[up_kind], bm=bm,
+                                dtype=x.dtype)
 
 
 def _prec(x: torch.Tensor) -> str:
@@ -293,16 +292,16 @@ def fused_adapter_fwd(x: torch.Tensor, residual: torch.Tensor | None, add_input:
     z = _empty((T, m), device=x.device, dtype=torch.float32)
     if T == 0:
         return y, z
-    bt, bk, bm, warps = _tiles(m)
+    bm = _bm(m)
+    cfg = _config("fused_adapter_fwd", x, down_kind, up_kind, bm)
     d0, d1, d2, dn, dr = _factor_args(down_kind, down)
     u0, u1, u2, un, ur = _factor_args(up_kind, up)
-    _fused_adapter_fwd_kernel[(triton.cdiv(T, bt),)](
+    _fused_adapter_fwd_kernel[(triton.cdiv(T, cfg["BT"]),)](
         x, residual if residual is not None else x, y, z,
         d0, d1, d2, b_down, u0, u1, u2, b_up,
         T, D, m, dn, dr, un, ur,
         HAS_RES=int(residual is not None), ADD_INPUT=int(add_input), ACT=act,
-        DKIND=down_kind, UKIND=up_kind, PREC=_prec(x),
-        BT=bt, BK=bk, BM=bm, num_warps=warps)
+        DKIND=down_kind, UKIND=up_kind, PREC=_prec(x), BM=bm, **cfg)
     return y, z
 
 
@@ -327,15 +326,15 @@ def fused_adapter_bwd(dy: torch.Tensor, z: torch.Tensor, down_kind: int, down: l
     db_down = torch.zeros(m, device=dy.device, dtype=torch.float32)
     if T == 0:
         return dx, g_z, h_aug, db_down
-    bt, bk, bm, warps = _bwd_tiles(m)
+    bm = _bm(m)
+    cfg = _config("fused_adapter_bwd", dy, down_kind, up_kind, bm)
     d0, d1, d2, dn, dr = _factor_args(down_kind, down)
     u0, u1, u2, un, ur = _factor_args(up_kind, up)
-    _fused_adapter_bwd_kernel[(triton.cdiv(T, bt),)](
+    _fused_adapter_bwd_kernel[(triton.cdiv(T, cfg["BT"]),)](
         dy, z, dx, g_z, h_aug, db_down,
         d0, d1, d2, u0, u1, u2,
         T, D, m, mh, dn, dr, un, ur,
-        ADD_INPUT=int(add_input), ACT=act, DKIND=down_kind, UKIND=up_kind, PREC=_prec(dy),
-        BT=bt, BK=bk, BM=bm, num_warps=warps)
+        ADD_INPUT=int(add_input), ACT=act, DKIND=down_kind, UKIND=up_kind, PREC=_prec(dy), BM=bm, **cfg)
     return dx, g_z, h_aug, db_down
 
 
@@ -344,7 +343,8 @@ def kron_weights(weights: list[tuple[int, list[torch.Tensor], int, int]],
     """Materialise one or two factored weights, each given as (kind, tensors, in, out), in one
     launch; returns the (in, out) matrices in ``dtype``."""
     out, args = [], []
-    br, bc = 32, 32
+    cfg = tuning.launch_config("kron_weight", weights[0][1][-1].device, kind=KIND_NAMES[weights[0][0]], dtype=dtype)
+    br, bc = cfg["BR"], cfg["BC"]
     for kind, tensors, d_in, d_out in weights:
         w = _empty((d_in, d_out), device=tensors[-1].device, dtype=dtype)
         p0, p1, p2, n, r = _factor_args(kind, tensors)
@@ -354,8 +354,7 @@ def kron_weights(weights: list[tuple[int, list[torch.Tensor], int, int]],
     first, kind, tiles = args[0]
     second, kind2, tiles2 = args[1] if two else (first, kind, 0)
     if tiles + tiles2 > 0:
-        _kron_weight_kernel[(tiles + tiles2,)](*first, *second, tiles,
-                                               KIND=kind, KIND2=kind2, TWO=two, BR=br, BC=bc)
+        _kron_weight_kernel[(tiles + tiles2,)](*first, *second, tiles, KIND=kind, KIND2=kind2, TWO=two, **cfg)
     return out
 
 
@@ -466,10 +465,10 @@ def kron_factor_grads(kind: int, tensors: list[torch.Tensor], d_w: torch.Tensor)
             views = [(b_, b_p, b_k), (b_, b_p, b_k), (db_, db_p, db_k), (db_, db_p, db_k)]
     (sp, s_k, s_r), (tp, t_r, t_p), (dsp, ds_k, ds_r), (dtp, dt_r, dt_p) = views
     bf = max(16, triton.next_power_of_2(ko))
-    bc = max(16, min(64, 4096 // bf))
+    cfg = tuning.launch_config("kron_factor_grads", d_w.device, kind=KIND_NAMES[kind], bf=bf, dtype=d_w.dtype)
     _kron_factor_grads_kernel[(n,)](
         dw[0], dw[1], dw[2], ra[0], ra[1], ra[2], sp, s_k, s_r, tp, t_r, t_p,
         da[0], da[1], da[2], dsp, ds_k, ds_r, dtp, dt_r, dt_p,
         ki, ko, n, r,
-        KIND=kind, BF=bf, BC=bc, NP=max(2, triton.next_power_of_2(n)), RP=max(2, triton.next_power_of_2(r)))
+        KIND=kind, BF=bf, NP=max(2, triton.next_power_of_2(n)), RP=max(2, triton.next_power_of_2(r)), **cfg)
     return grads

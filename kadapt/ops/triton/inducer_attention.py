@@ -62,6 +62,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kadapt.ops import tuning
+
 _NO_SPEC = ["H", "G", "Tq", "Tk", "HAS_MASK", "CAUSAL", "seed", "sb_b", "sb_h", "sb_q"]
 _MAX_DROPOUT_OFFSET = 2 ** 31  # the per-head Philox counter i·Tk + j is int32: Tq·Tk must stay below this
 
@@ -371,14 +373,30 @@ def _empty(shape, *, device, dtype) -> torch.Tensor:
     return torch.empty(shape, device=device, dtype=dtype)
 
 
-def _tiles(d: int, on_gpu: bool) -> tuple[int, int, int]:
-    """(BM, BN, num_warps). GPU tiles are FA2-typical and untuned; the interpreter (CPU) uses 16×16 so that
-    the tiny test shapes span several tiles in both directions."""
-    if not on_gpu:
-        return 16, 16, 4
-    if d <= 64:
-        return 64, 64, 4
-    return 64, 32, 4
+ATTENTION_KERNELS = ("inducer_attention_fwd", "inducer_attention_bwd_preprocess", "inducer_attention_bwd_dkdv",
+                     "inducer_attention_bwd_dq", "inducer_attention_keep_mask")
+
+
+def tile_overrides(bm: int, bn: int, num_warps: int = 4) -> dict[str, dict[str, int]]:
+    """{kernel: config} giving every attention kernel the tiles (BM, BN), for ``tuning.OVERRIDES`` (tests: the
+    interpreter's tiny shapes must span several tiles in both loops)."""
+    return {k: ({"BM": bm, "num_warps": num_warps} if k.endswith("preprocess")
+                else {"BM": bm, "BN": bn, "num_warps": num_warps}) for k in ATTENTION_KERNELS}
+
+
+def _configs(q: torch.Tensor, bd: int, Tk: int, has_mlp: bool, has_bias: bool, dropout: bool,
+             kernels: tuple[str, ...]) -> list[dict[str, int]]:
+    """The launch configs (kadapt/ops/tuning.py) of ``kernels`` for this call."""
+    common = {"dtype": q.dtype, "bd": bd, "L": Tk, "bias": has_bias, "dropout": dropout}
+    out = []
+    for k in kernels:
+        if k == "inducer_attention_bwd_preprocess":
+            out.append(tuning.launch_config(k, q.device, dtype=q.dtype, bd=bd))
+        elif k == "inducer_attention_bwd_dkdv":
+            out.append(tuning.launch_config(k, q.device, **common))
+        else:
+            out.append(tuning.launch_config(k, q.device, mlp=has_mlp, **common))
+    return out
 
 
 def _prec(x: torch.Tensor) -> str:
@@ -416,8 +434,9 @@ def dropout_keep_mask(seed: int, B: int, H: int, Tq: int, Tk: int, dropout_p: fl
     out = torch.empty((B, H, Tq, Tk), device=device, dtype=torch.int8)
     if out.numel() == 0 or p == 0.0:
         return out.fill_(1).bool()
-    bm, bn, _ = _tiles(16, out.is_cuda)
-    _keep_mask_kernel[(triton.cdiv(Tq, bm), triton.cdiv(Tk, bn), B * H)](out, seed32, Tq, Tk, p, BM=bm, BN=bn)
+    cfg = tuning.launch_config("inducer_attention_keep_mask", out.device)
+    _keep_mask_kernel[(triton.cdiv(Tq, cfg["BM"]), triton.cdiv(Tk, cfg["BN"]), B * H)](out, seed32, Tq, Tk, p,
+                                                                                       **cfg)
     return out.bool()
 
 
@@ -485,14 +504,13 @@ def inducer_attention_fwd(q, k, v, A_k, a_k, B_k, b_k, kpm, scale: float, causal
     if B * H * Tq == 0:
         return o, lse, w
     seed32, p, drop_scale, dropout = _dropout_args(dropout_p, seed, Tq, Tk)
-    bm, bn, warps = _tiles(D, q.is_cuda)
     bd = max(16, triton.next_power_of_2(D))
     a0, a1, a2, a3, mk, bmk, has_mlp = _mlp_args(q, A_k, a_k, B_k, b_k)
-    _fwd_kernel[(triton.cdiv(Tq, bm), B * H)](
+    (cfg,) = _configs(q, bd, Tk, has_mlp, has_bias, dropout, ("inducer_attention_fwd",))
+    _fwd_kernel[(triton.cdiv(Tq, cfg["BM"]), B * H)](
         q, k, v, a0, a1, a2, a3, kpm if kpm is not None else q, bias_arg, o, lse, w,
         scale, H, G, Tq, Tk, D, mk, int(kpm is not None), int(causal), seed32, p, drop_scale, sb_b, sb_h, sb_q,
-        sb_k, HAS_MLP=has_mlp, PREC=_prec(q), DROPOUT=dropout, HAS_BIAS=has_bias, BM=bm, BN=bn, BD=bd, BMK=bmk,
-        num_warps=warps)
+        sb_k, HAS_MLP=has_mlp, PREC=_prec(q), DROPOUT=dropout, HAS_BIAS=has_bias, BD=bd, BMK=bmk, **cfg)
     return o, lse, w
 
 
@@ -516,21 +534,21 @@ def inducer_attention_bwd(q, k, v, A_k, a_k, B_k, b_k, kpm, o, lse, w, do, dlse,
         dv.zero_()
         return dq, dk, dv, ds0
     seed32, p, drop_scale, dropout = _dropout_args(dropout_p, seed, Tq, Tk)
-    bm, bn, warps = _tiles(D, q.is_cuda)
     bd = max(16, triton.next_power_of_2(D))
     a0, a1, a2, a3, mk, bmk, has_mlp = _mlp_args(q, A_k, a_k, B_k, b_k)
     mask_arg = kpm if kpm is not None else q
     prec = _prec(q)
-    _bwd_preprocess[(triton.cdiv(Tq, bm), B * H)](o, do, w, dw, dlse, delta, ds0, Tq, D, BM=bm, BD=bd,
-                                                  num_warps=warps)
+    pre, kv, qc = _configs(q, bd, Tk, has_mlp, has_bias, dropout, ("inducer_attention_bwd_preprocess",
+                                                                    "inducer_attention_bwd_dkdv",
+                                                                    "inducer_attention_bwd_dq"))
+    _bwd_preprocess[(triton.cdiv(Tq, pre["BM"]), B * H)](o, do, w, dw, dlse, delta, ds0, Tq, D, BD=bd, **pre)
     if Tk > 0:
-        _bwd_dkdv[(triton.cdiv(Tk, bn), B * (H // G))](
+        _bwd_dkdv[(triton.cdiv(Tk, kv["BN"]), B * (H // G))](
             q, k, v, do, lse, delta, mask_arg, bias_arg, dk, dv, scale, H, G, Tq, Tk, D, int(kpm is not None),
             int(causal), seed32, p, drop_scale, sb_b, sb_h, sb_q, sb_k, PREC=prec, DROPOUT=dropout,
-            HAS_BIAS=has_bias, BM=bm, BN=bn, BD=bd, num_warps=warps)
-    _bwd_dq[(triton.cdiv(Tq, bm), B * H)](
+            HAS_BIAS=has_bias, BD=bd, **kv)
+    _bwd_dq[(triton.cdiv(Tq, qc["BM"]), B * H)](
         q, k, v, a0, a1, a2, a3, do, lse, delta, ds0, mask_arg, bias_arg, dq, scale, H, G, Tq, Tk, D, mk,
         int(kpm is not None), int(causal), seed32, p, drop_scale, sb_b, sb_h, sb_q, sb_k,
-        HAS_MLP=has_mlp, PREC=prec, DROPOUT=dropout, HAS_BIAS=has_bias, BM=bm, BN=bn, BD=bd, BMK=bmk,
-        num_warps=warps)
+        HAS_MLP=has_mlp, PREC=prec, DROPOUT=dropout, HAS_BIAS=has_bias, BD=bd, BMK=bmk, **qc)
     return dq, dk, dv, ds0
