@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import math
+import threading
 import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
@@ -99,13 +100,15 @@ class _ThetaBridge(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, z: torch.Tensor, lam: torch.Tensor | None, said: "IntrinsicSAID"):
-        ctx.said = said
+        ctx.said = weakref.ref(said)  # no cycle said -> current -> grad_fn -> said (it would outlive `del model`)
         ctx.set_materialize_grads(False)
         return tuple(t.view_as(t) for t in said.cache)
 
     @staticmethod
     def backward(ctx, *grads):
-        said = ctx.said
+        said = ctx.said()
+        if said is None:
+            raise RuntimeError("Intrinsic-SAID: the model this graph was built from no longer exists")
         return (*said.project_gradients(grads), None)
 
 
@@ -125,8 +128,58 @@ class IntrinsicSAID(nn.Module):
         self.current: tuple[torch.Tensor, ...] | None = None  # what the owners read in this forward
         self._current_has_graph = False
         self._stamp: tuple | None = None
+        self.slots: list[tuple[nn.Module, str, nn.Parameter]] = []  # (owner, name, θ_{i,0}) for every swap
+        self._init_runtime()
+
+    def _init_runtime(self) -> None:
+        """State that is never copied: the owners' lock (one thread inside the owners at a time, since a swap
+        is visible to every thread), the per-thread swap depth, the registration for the optimizer hook."""
+        self._lock = threading.RLock()
+        self._local = threading.local()
         _LIVE.add(self)
         _install_hook()
+
+    def __getstate__(self) -> dict:
+        """deepcopy / pickle: no lock, no forward state, no cache (recomputed on first use)."""
+        state = self.__dict__.copy()
+        for name in ("_lock", "_local"):
+            state.pop(name, None)
+        state.update(current=None, _current_has_graph=False, cache=[], _stamp=None)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self._init_runtime()
+
+    # ------------------------------------------------------------------------------ the owners' slots
+
+    def enter(self, module: nn.Module, slots: tuple[tuple[str, int], ...]) -> None:
+        """Before an owner's forward: θ in its parameter slots (under the lock, released by ``leave``)."""
+        self._lock.acquire()
+        self._local.depth = getattr(self._local, "depth", 0) + 1
+        try:
+            self.ensure()
+            for name, i in slots:
+                module._parameters[name] = self.current[i]
+        except BaseException:
+            self.leave(module, ())
+            raise
+
+    def leave(self, module: nn.Module, slots: tuple[tuple[str, int, nn.Parameter], ...]) -> None:
+        for name, _, original in slots:
+            module._parameters[name] = original
+        self._local.depth -= 1
+        self._lock.release()
+
+    def restore_slots(self) -> None:
+        """θ_{i,0} back in every slot and the lock released, after a forward interrupted by a BaseException
+        (KeyboardInterrupt) that skipped the owners' post-hooks; run at the next forward and by unpatch/merge."""
+        for module, name, original in self.slots:
+            module._parameters[name] = original
+        depth = getattr(self._local, "depth", 0)
+        self._local.depth = 0
+        for _ in range(depth):
+            self._lock.release()
 
     def extra_repr(self) -> str:
         lam = f", λ: {self.lam.numel()}" if self.lam is not None else " (DID)"
@@ -153,6 +206,7 @@ class IntrinsicSAID(nn.Module):
     def _full_stamp(self) -> tuple:
         return self._versions(), tuple((p.data_ptr(), p._version, p.dtype) for p in self.originals)
 
+    @torch.inference_mode(False)  # a first forward under inference_mode must not make the cache inference tensors
     @torch.no_grad()
     def recompute(self) -> None:
         """θ_i = θ_{i,0} + λ_i P_i z into the cache (in the wider of fp32 and θ_{i,0}'s dtype, stored in the
@@ -226,18 +280,22 @@ class IntrinsicSAID(nn.Module):
 # --------------------------------------------------------------------------------------------- hooks
 
 def _model_pre_hook(said: IntrinsicSAID, module, args) -> None:
+    if getattr(said._local, "depth", 0):  # this thread's last forward was interrupted inside an owner
+        said.restore_slots()
     said.prepare()
 
 
+def _model_post_hook(said: IntrinsicSAID, module, args, output) -> None:
+    said.current, said._current_has_graph = None, False  # the next forward (or a recompute) builds its own
+
+
 def _owner_pre_hook(said: IntrinsicSAID, slots: tuple[tuple[str, int], ...], module, args) -> None:
-    said.ensure()
-    for name, i in slots:
-        module._parameters[name] = said.current[i]
+    said.enter(module, slots)
 
 
-def _owner_post_hook(slots: tuple[tuple[str, int, nn.Parameter], ...], module, args, output) -> None:
-    for name, _, original in slots:
-        module._parameters[name] = original
+def _owner_post_hook(said: IntrinsicSAID, slots: tuple[tuple[str, int, nn.Parameter], ...], module, args,
+                     output) -> None:
+    said.leave(module, slots)
 
 
 def said_step(model: nn.Module) -> None:
@@ -271,6 +329,7 @@ class IntrinsicSAIDMethod(Method):
         said = IntrinsicSAID(originals, config, d_z, lengths, dtype, ref.device)
         plan.add_module(model, SAID_ATTR, said)
         plan.forward_pre_hook(model, functools.partial(_model_pre_hook, said))
+        plan.forward_hook(model, functools.partial(_model_post_hook, said), always_call=True)
 
         index = {id(p): i for i, p in enumerate(originals)}
         skip = set()
@@ -285,8 +344,10 @@ class IntrinsicSAIDMethod(Method):
                           if p is not None and id(p) in index)
             if not slots:
                 continue
+            said.slots += [(module, name, p) for name, _, p in slots]
             plan.forward_pre_hook(module, functools.partial(_owner_pre_hook, said, tuple(s[:2] for s in slots)))
-            plan.forward_hook(module, functools.partial(_owner_post_hook, slots), always_call=True)
+            plan.forward_hook(module, functools.partial(_owner_post_hook, said, slots), always_call=True)
+        plan.on_restore(said.restore_slots)
         plan.on_merge(functools.partial(_merge, said, config))
         plan.on_save_state(functools.partial(_identity, said, model), functools.partial(_check_identity, said))
 
@@ -316,20 +377,35 @@ def fingerprint(said: IntrinsicSAID) -> list[list[float]]:
 def _identity(said: IntrinsicSAID, model: nn.Module) -> dict:
     """What the adapter file records of the base model: z and λ only make sense on the same θ_0."""
     return {"name_or_path": getattr(model.config, "_name_or_path", "") or "", "tensors": len(said.originals),
+            "dtypes": sorted({str(p.dtype).removeprefix("torch.") for p in said.originals}),
             "fingerprint": fingerprint(said)}
 
 
+def _same_values(saved: list, live: list) -> bool:
+    """Same size, and sums within what rounding the base to another dtype (bf16: 2⁻⁹ relative per element)
+    moves them: |Δ Σx²| ≤ 2 % of Σx², |Δ Σx| ≤ 5 % of √Σx² (√Σx² bounds the spread of a sum of rounding
+    errors); other weights of the same shapes miss by far more."""
+    n, s, q = (float(v) for v in saved)
+    n2, s2, q2 = live
+    return n == n2 and abs(q - q2) <= 0.02 * q + 1e-12 and abs(s - s2) <= 0.05 * math.sqrt(q) + 1e-12
+
+
 def _check_identity(said: IntrinsicSAID, saved: dict | None) -> None:
+    lacks = ("the Intrinsic-SAID adapter lacks the base model's identity (method_state.fingerprint); the file is "
+             "truncated or was not written by kadapt.save_adapter")
     if not isinstance(saved, dict) or not isinstance(saved.get("fingerprint"), list):
-        raise ValueError("the Intrinsic-SAID adapter lacks the base model's identity (method_state.fingerprint); "
-                         "the file is truncated or was not written by kadapt.save_adapter")
+        raise ValueError(lacks)
     live, theirs = fingerprint(said), saved["fingerprint"]
     name = saved.get("name_or_path") or "an unnamed model"
     if len(theirs) != len(live):
         raise ValueError(f"the Intrinsic-SAID adapter was trained on a base model with {len(theirs)} parameter "
                          f"tensors ({name}); this model has {len(live)}: z and λ only apply to the same base model")
     for i, (a, b) in enumerate(zip(theirs, live)):
-        if a[0] != b[0] or not all(math.isclose(x, y, rel_tol=1e-6, abs_tol=1e-6) for x, y in zip(a[1:], b[1:])):
+        try:
+            same = _same_values(a, b)
+        except (TypeError, ValueError):
+            raise ValueError(f"{lacks} (entry #{i} is {a!r})") from None
+        if not same:
             raise ValueError(f"the Intrinsic-SAID adapter was trained on other base weights ({name}): parameter tensor "
                              f"#{i} differs (size/sum/sum of squares {a} saved, {b} here); z and λ only apply to the "
                              f"same base model")

@@ -54,6 +54,7 @@ class PatchRecord:
     merges: list = field(default_factory=list)
     ejects: list = field(default_factory=list)
     state_checks: dict = field(default_factory=dict)  # part name -> (save, check): see Plan.on_save_state
+    restores: list = field(default_factory=list)       # Plan.on_restore callbacks
 
     @property
     def configs(self) -> list[KadaptConfig]:
@@ -153,7 +154,8 @@ def patch(model: nn.Module, config: KadaptConfig | Sequence[KadaptConfig]) -> nn
     record_config = copy.deepcopy(list(configs) if many else configs[0])
     plan = _plan(model, backbone, record_config if many else [record_config], many)
     record = PatchRecord(config=record_config, family=backbone.family, hidden_size=backbone.hidden_size,
-                         parts=plan.parts, merges=plan.merges, ejects=plan.ejects, state_checks=plan.state_checks)
+                         parts=plan.parts, merges=plan.merges, ejects=plan.ejects, state_checks=plan.state_checks,
+                         restores=plan.restores)
     try:
         _attach(model, backbone, plan, record)
     except BaseException:
@@ -215,6 +217,8 @@ def added_parameters(record: PatchRecord) -> set[nn.Parameter]:
 
 
 def _restore(model: nn.Module, record: PatchRecord) -> None:
+    for fn in record.restores:
+        fn()
     attention.restore_configs(model, record.attn_configs)
     for module in record.base_attrs:
         module.__dict__.pop(attention.BASE_ATTR, None)

@@ -51,6 +51,7 @@ class Plan:
         self.merges: list[tuple[Callable[[], list[nn.Module]], Callable[[], list[nn.Module]] | None]] = []
         self.ejects: list[Callable[["object"], None]] = []
         self.state_checks: dict[str, tuple[Callable[[], dict], Callable[[dict | None], None]]] = {}
+        self.restores: list[Callable[[], None]] = []
         self._current: str = ""
 
     # ------------------------------------------------------------------------------ running methods
@@ -141,3 +142,8 @@ class Plan:
         """JSON state the adapter file carries beside the tensors (``save()``, at ``save_adapter``) and its
         check at ``load_adapter`` (``check(saved)`` raises ValueError before anything is loaded)."""
         self.state_checks[self._current] = (save, check)
+
+    def on_restore(self, fn: Callable[[], None]) -> None:
+        """``fn()`` first when ``unpatch`` / ``merge`` take the methods out (e.g. put back tensors a method
+        swapped in for a forward that an interrupt cut short)."""
+        self.restores.append(fn)

@@ -359,3 +359,178 @@ def test_triton_backend_same_function():
         kadapt.set_backend("auto")
     for want, got in zip(*results):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+# ------------------------------------------------------------------------- robustness (review findings)
+
+def test_inference_mode_first_then_training():
+    """A first forward under inference_mode must not leave inference tensors in the θ cache."""
+    model = tiny("gpt2")
+    kadapt.patch(model, kadapt.IntrinsicSAIDConfig(intrinsic_dim=DIM))
+    with torch.inference_mode():
+        model(**inputs("gpt2"))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(2):
+        model(**_loss_kwargs("gpt2")).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    with torch.inference_mode():
+        model(**inputs("gpt2"))
+
+
+def test_deepcopy_after_a_forward_trains_with_fused_adamw():
+    model = tiny("gpt2")
+    kadapt.patch(model, kadapt.IntrinsicSAIDConfig(intrinsic_dim=DIM))
+    model(**_loss_kwargs("gpt2")).loss.backward()
+    twin = copy.deepcopy(model)
+    opt = torch.optim.AdamW([p for p in twin.parameters() if p.requires_grad], lr=1e-2, fused=True)
+    twin(**_loss_kwargs("gpt2")).loss.backward()
+    opt.step()
+    with torch.no_grad():
+        after_step = output(twin, "gpt2")
+        kadapt.said_step(twin)
+        assert torch.equal(output(twin, "gpt2"), after_step)  # the step was seen: θ already current
+        assert not torch.equal(after_step, output(model, "gpt2"))
+
+
+def test_memory_is_freed_after_backward_and_del():
+    import gc
+    import weakref
+
+    model = tiny("gpt2")
+    kadapt.patch(model, kadapt.IntrinsicSAIDConfig(intrinsic_dim=DIM))
+    model.train()
+    model(**_loss_kwargs("gpt2")).loss.backward()
+    refs = [weakref.ref(model.transformer.wte.weight), weakref.ref(_said(model).cache[0])]
+    del model
+    gc.collect()
+    assert all(r() is None for r in refs)
+
+
+def test_interrupt_inside_a_module_then_next_forward_and_unpatch():
+    """A KeyboardInterrupt skips always_call hooks: the next forward and unpatch put θ_0 back."""
+    model = tiny("gpt2")
+    with torch.no_grad():
+        base = output(model, "gpt2")
+    originals = {(n, k): p for n, m in model.named_modules() for k, p in m._parameters.items() if p is not None}
+    kadapt.patch(model, kadapt.IntrinsicSAIDConfig(intrinsic_dim=DIM))
+    _randomize(model)
+    with torch.no_grad():
+        want = output(model, "gpt2")
+
+    def interrupt(module, args):
+        raise KeyboardInterrupt
+
+    handle = model.transformer.h[0].mlp.c_fc.register_forward_pre_hook(interrupt)  # after kadapt's pre-hook
+    with pytest.raises(KeyboardInterrupt), torch.no_grad():
+        output(model, "gpt2")
+    handle.remove()
+    assert not isinstance(model.transformer.h[0].mlp.c_fc._parameters["weight"], torch.nn.Parameter)
+    with torch.no_grad():
+        assert torch.equal(output(model, "gpt2"), want)
+    handle = model.transformer.h[1].attn.c_proj.register_forward_pre_hook(interrupt)
+    with pytest.raises(KeyboardInterrupt), torch.no_grad():
+        output(model, "gpt2")
+    handle.remove()
+    kadapt.unpatch(model)
+    assert all(m._parameters[k] is p for (n, k), p in originals.items() for m in [model.get_submodule(n)])
+    with torch.no_grad():
+        assert torch.equal(output(model, "gpt2"), base)
+
+
+def test_concurrent_forwards_from_threads():
+    import threading
+
+    model = tiny("gpt2")
+    kadapt.patch(model, kadapt.IntrinsicSAIDConfig(intrinsic_dim=DIM))
+    _randomize(model)
+    batches = [inputs("gpt2", seed=s) for s in range(4)]
+    with torch.no_grad():
+        want = [output(model, "gpt2", **b) for b in batches]
+    wrong = []
+
+    def work(i):
+        for _ in range(15):
+            with torch.no_grad():
+                if not torch.equal(output(model, "gpt2", **batches[i]), want[i]):
+                    wrong.append(i)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not wrong
+
+
+def test_load_into_the_same_base_in_bf16_and_refusals(tmp_path):
+    base_dir = tmp_path / "base"
+    tiny("gpt2").save_pretrained(base_dir)
+    cls = type(tiny("gpt2"))
+    model = cls.from_pretrained(base_dir)
+    kadapt.patch(model, kadapt.IntrinsicSAIDConfig(intrinsic_dim=DIM))
+    _randomize(model)
+    kadapt.save_adapter(model, tmp_path / "said")
+    half = cls.from_pretrained(base_dir, dtype=torch.bfloat16)
+    kadapt.load_adapter(half, tmp_path / "said")  # the same base rounded to bf16 is the same base
+    with torch.no_grad():
+        torch.testing.assert_close(output(half, "gpt2").float(), output(model, "gpt2"), rtol=0.1, atol=0.1)
+    other = cls.from_pretrained(base_dir, dtype=torch.bfloat16)
+    with torch.no_grad():
+        other.transformer.h[0].mlp.c_fc.weight.mul_(1.5)
+    with pytest.raises(ValueError, match="other base weights"):
+        kadapt.load_adapter(other, tmp_path / "said")
+    meta_path = tmp_path / "said" / kadapt.api.CONFIG_NAME
+    meta = json.loads(meta_path.read_text())
+    del meta["method_state"]
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="lacks the base model's identity"):
+        kadapt.load_adapter(cls.from_pretrained(base_dir), tmp_path / "said")
+
+
+def test_recomputed_after_to_float64():
+    model = tiny("t5")
+    kadapt.patch(model, kadapt.IntrinsicSAIDConfig(intrinsic_dim=DIM))
+    _randomize(model)
+    with torch.no_grad():
+        output(model, "t5")
+    model.double()
+    base = copy.deepcopy(model)
+    kadapt.unpatch(base)
+    with torch.no_grad():
+        got = output(model, "t5")
+        assert got.dtype == torch.float64 and all(t.dtype == torch.float64 for t in _said(model).cache)
+        torch.testing.assert_close(got, _reference(model, base)[2](**inputs("t5")).logits, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("compat", ["crop", "untied"])
+def test_compat_gradients_match_reference(compat):
+    model = tiny("gpt2")
+    base = copy.deepcopy(model)
+    flag = {"crop": "compat_said_crop", "untied": "compat_said_untied_lm_head"}[compat]
+    kadapt.patch(model, kadapt.IntrinsicSAIDConfig(intrinsic_dim=DIM, **{flag: True}))
+    _randomize(model)
+    kw = _loss_kwargs("gpt2")
+    model(**kw).loss.backward()
+    z, lam, run = _reference(model, base, untied_head=compat == "untied")
+    run(**kw).loss.backward()
+    torch.testing.assert_close(_said(model).z.grad, z.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(_said(model).lam.grad[:-1], lam.grad[:-1], rtol=1e-4, atol=1e-6)
+
+
+def test_t5_generate_after_a_step_matches_merged():
+    """T5's generate calls the encoder directly (not the model's forward): θ must be current there too."""
+    model = tiny("t5")
+    kadapt.patch(model, kadapt.IntrinsicSAIDConfig(intrinsic_dim=DIM))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-2, fused=True)
+    model.train()
+    model(**_loss_kwargs("t5")).loss.backward()
+    opt.step()
+    model.eval()
+    ids = inputs("t5")["input_ids"]
+    with torch.no_grad():
+        got = model.generate(input_ids=ids, max_new_tokens=6, do_sample=False)
+    merged = copy.deepcopy(model)
+    kadapt.merge(merged)
+    with torch.no_grad():
+        assert torch.equal(got, merged.generate(input_ids=ids, max_new_tokens=6, do_sample=False))
