@@ -226,7 +226,7 @@ def test_merge_refuses_non_linear_methods(config):
     model = tiny("gpt2")
     kadapt.patch(model, config)
     with pytest.raises(ValueError, match=rf"patched with method '{config.method}' .* cannot be merged into the "
-                                         r"weights; mergeable methods: 'lora', 'kernel_mix'$"):
+                                         r"weights; mergeable methods: 'lora', 'kernel_mix', 'intrinsic_said'$"):
         kadapt.merge(model)
     assert is_patched(model)  # unchanged
     kadapt.unpatch(model)

@@ -67,8 +67,7 @@ def entry(bucket: dict, config: dict, **extra) -> dict:
 
 def test_shipped_tables_are_valid():
     """Every table in the package loads (a committed table must never break the ops on its GPU)."""
-    shipped = Path(tuning.__file__).resolve().parent / "tuning_tables"
-    assert shipped.is_dir()
+    shipped = Path(tuning.__file__).resolve().parent / "tuning_tables"  # absent from a wheel until a table exists
     for path in shipped.glob("*.json"):
         table = tuning.load_table(path)
         assert table.arch == path.stem and len(table) > 0, path
